@@ -1,0 +1,12 @@
+"""The feature cache: WebDataset shards of safetensors, a manifest with a cache key, writer, reader, verify."""
+
+from cellembed.cache._codec import Sample
+from cellembed.cache._extract import ExtractConfig, ExtractResult, describe_difference, extract
+from cellembed.cache._manifest import FORMAT_VERSION, CacheError, read_manifest
+from cellembed.cache._reader import Cache, open_cache
+from cellembed.cache._verify import ShardProblem, VerifyReport, verify_cache
+
+__all__ = [
+    "FORMAT_VERSION", "Cache", "CacheError", "ExtractConfig", "ExtractResult", "Sample", "ShardProblem",
+    "VerifyReport", "describe_difference", "extract", "open_cache", "read_manifest", "verify_cache",
+]

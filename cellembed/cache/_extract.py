@@ -1,0 +1,399 @@
+"""Stage one: run a frozen encoder once over every tile and write the feature cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import numpy as np
+import torch
+
+from cellembed.cache._codec import encode_gt, encode_image
+from cellembed.cache._manifest import (FORMAT_VERSION, MANIFEST, PARTS, CacheError, build_manifest, cache_key,
+                                       read_json, shard_name, sidecar_path, write_json_atomic)
+from cellembed.cache._verify import file_sha256
+from cellembed.cache._writer import BackgroundWriter, EncodedTile
+
+HEADER = "header.json"  # inside .parts: the identity of a cache being written, before its manifest exists
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+Progress = Callable[[int, int, int], None]  # (tiles done, tiles total, bytes written)
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """Everything ``cellembed extract`` needs. See the CLI's ``--help`` for each option."""
+
+    dataset: str
+    out: str
+    encoder: str
+    root: str | None = None
+    split: str = "all"
+    folds: str | None = None
+    scheme: str | None = None
+    blocks: str = "default"
+    weights: str = "hub"
+    input_policy: str = "resize"
+    dtype: str = "fp16"
+    batch_size: int = 32
+    device: str = "auto"
+    num_workers: int = 2
+    shard_size: int = 256
+    overwrite: bool = False
+    rank: int | None = None
+    world_size: int | None = None
+    dataset_options: dict = field(default_factory=dict)
+
+
+class ExtractResult(NamedTuple):
+    """What one process of an extraction did.
+
+    Attributes:
+        out: the cache directory.
+        cache_key: the cache's key.
+        n_tiles: tiles in the whole cache.
+        n_written: tiles this process encoded now.
+        n_skipped: tiles this process found already written and verified.
+        seconds: wall time of this process.
+        manifest: the manifest, or None while other ranks are still writing their shards.
+    """
+
+    out: Path
+    cache_key: str
+    n_tiles: int
+    n_written: int
+    n_skipped: int
+    seconds: float
+    manifest: dict | None
+
+
+def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractResult:
+    """Encode every tile of a dataset split once with a frozen encoder and write a WebDataset feature cache.
+
+    Resumable (finished shards that verify are kept), atomic per shard, and rank-aware: under ``torchrun``
+    or with ``rank``/``world_size`` each process writes a disjoint set of shards, and the manifest is written
+    once every shard exists.
+    """
+    from cellembed.data import open_dataset, resolve_split
+    from cellembed.encoders import build_encoder
+
+    t0 = time.perf_counter()
+    rank, world = _rank_and_world(config)
+    device = _pick_device(config.device)
+    if config.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+    source = open_dataset(config.dataset, config.root, **config.dataset_options)
+    selection = resolve_split(source, config.split, folds=config.folds, scheme=config.scheme)
+    if not selection.indices:
+        raise ValueError(f"split {config.split!r} of {config.dataset} is empty ({selection.scheme}); pick another split")
+    tile_size = _tile_size(source, selection.indices[0])
+    encoder = build_encoder(config.encoder, blocks=config.blocks, weights=config.weights,
+                            input_policy=config.input_policy, tile_size=tile_size, device=device)
+    keys = [source.keys[i] for i in selection.indices]
+    header = _header(config, source, selection, encoder, keys, tile_size, device)
+    out = Path(config.out)
+    _prepare_out(out, header, config.overwrite, rank)
+    plan = _plan(len(keys), config.shard_size)
+    mine = [s for s in plan if s[0] % world == rank]
+    todo = [s for s in mine if not _shard_done(out, s[0], header["cache_key"])]
+    n_skipped = sum(s[2] - s[1] for s in mine if s not in todo)
+    _remove_stale(out, todo)
+    plan_out = [(shard_name(rank, i), i, stop - start) for i, start, stop in todo]
+    n_written = _run(encoder, source, selection.indices, todo, plan_out, header, out, config, device, progress,
+                     n_skipped, sum(s[2] - s[1] for s in mine))
+    manifest = _finalize(out, header, len(plan), rank, world)
+    return ExtractResult(out, header["cache_key"], len(keys), n_written, n_skipped, time.perf_counter() - t0, manifest)
+
+
+def _rank_and_world(config: ExtractConfig) -> tuple[int, int]:
+    rank = config.rank if config.rank is not None else int(os.environ.get("RANK", 0))
+    world = config.world_size if config.world_size is not None else int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is outside world size {world}")
+    if world > 1 and "MASTER_ADDR" in os.environ and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+    return rank, world
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("--device cuda was asked for but torch sees no GPU; use --device cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device(device)
+
+
+def _tile_size(source, index: int) -> int:
+    h, w = source[index].image.shape[:2]
+    if h != w:
+        raise ValueError(f"tile {source.keys[index]!r} is {h}x{w}; the cache needs square tiles of one size")
+    return h
+
+
+def _compute_mode(device: torch.device, dtype: str) -> str:
+    """GPU runs bf16 autocast unless fp32 storage is asked for; CPU always computes in fp32."""
+    return "bf16-autocast" if device.type == "cuda" and dtype != "fp32" else "fp32"
+
+
+def _header(config, source, selection, encoder, keys, tile_size, device) -> dict:
+    import timm
+
+    import cellembed
+
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "encoder": encoder.describe(),
+        "dtype": config.dtype,
+        "compute": _compute_mode(device, config.dtype),
+        "dataset": source.describe(),
+        "split": {"split": selection.split, "scheme": selection.scheme, "detail": selection.detail},
+        "tiles": {"n": len(keys), "sha256": _keys_hash(keys), "size": tile_size},
+        "shard_size": config.shard_size,
+    }
+    levels = [{"name": lv.name, "block": lv.block, "channels": lv.channels, "grid": list(lv.grid),
+               "stride": lv.stride} for lv in encoder.levels]
+    return {
+        "format_version": FORMAT_VERSION,
+        "cache_key": cache_key(identity),
+        "identity": identity,
+        "versions": {"cellembed": cellembed.__version__, "timm": timm.__version__, "torch": torch.__version__.split("+")[0]},
+        "levels": levels,
+        "num_prefix_tokens": encoder.num_prefix_tokens,
+        "class_names": list(source.class_names),
+        "tile_size": tile_size,
+        "n_tiles": len(keys),
+    }
+
+
+def _keys_hash(keys: list[str]) -> str:
+    import hashlib
+
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def _plan(n_tiles: int, shard_size: int) -> list[tuple[int, int, int]]:
+    """Fixed chunks of the tile list, independent of the number of ranks: ``[(shard index, start, stop)]``."""
+    if shard_size < 1:
+        raise ValueError("shard size must be at least 1")
+    return [(i, start, min(start + shard_size, n_tiles)) for i, start in enumerate(range(0, n_tiles, shard_size))]
+
+
+def describe_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Flatten two identity dicts and list what differs, e.g. ``["encoder.name: test_vit → test_convnext"]``."""
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += describe_difference(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {_short(a)} → {_short(b)}")
+    return diffs
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
+    """Refuse a directory holding another cache (unless overwrite); record this cache's header."""
+    existing = None
+    for path in (out / MANIFEST, out / PARTS / HEADER):
+        if path.is_file():
+            existing = read_json(path, path.name)
+            break
+    if existing is not None and existing.get("cache_key") != header["cache_key"]:
+        if not overwrite:
+            diff = "; ".join(describe_difference(existing.get("identity", {}), header["identity"])[:4])
+            raise CacheError(f"{out} holds a different cache ({diff}); pass --overwrite to replace it "
+                             "or choose another --out")
+        _clear_cache(out, rank)
+    elif existing is None and out.exists() and any(out.iterdir()) and not (out / PARTS).exists():
+        if not overwrite:
+            raise CacheError(f"{out} exists and is not a cellembed cache; choose another --out or pass --overwrite")
+        _clear_cache(out, rank)
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / PARTS / HEADER, header)
+
+
+def _clear_cache(out: Path, rank: int) -> None:
+    """Remove the previous cache's files (rank 0 removes the manifest; every rank may remove shards)."""
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)
+    for path in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tmp")):
+        path.unlink(missing_ok=True)
+    if (out / PARTS).exists():
+        for path in (out / PARTS).glob("shard-*.json"):
+            path.unlink(missing_ok=True)
+    if rank == 0 and not any(out.glob("shard-*")) and (out / PARTS).exists():
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+
+
+def _existing_shard(out: Path, index: int) -> Path | None:
+    found = sorted(out.glob(f"shard-??-{index:06d}.tar"))
+    return found[0] if found else None
+
+
+def _shard_done(out: Path, index: int, key: str) -> bool:
+    """A shard counts as done when its file and record exist, the record carries our key, and the hash matches."""
+    path = _existing_shard(out, index)
+    if path is None:
+        return False
+    record_path = sidecar_path(out, path.name)
+    try:
+        record = read_json(record_path, "shard record")
+    except CacheError:
+        return False
+    return record.get("cache_key") == key and record.get("bytes") == path.stat().st_size \
+        and record.get("sha256") == file_sha256(path)
+
+
+def _remove_stale(out: Path, todo) -> None:
+    """Delete leftovers of shards about to be rewritten (unverified files, their records, temp files)."""
+    for index, _, _ in todo:
+        for path in list(out.glob(f"shard-??-{index:06d}.tar")) + list(out.glob(f".shard-??-{index:06d}.tar.tmp")):
+            sidecar_path(out, path.name.lstrip(".").removesuffix(".tmp")).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
+
+
+class _TileItems(torch.utils.data.Dataset):
+    """Decodes tiles in DataLoader workers: uint8 image tensor plus the encoded GT and PNG for the writer."""
+
+    def __init__(self, source, indices: list[int], tile_size: int):
+        self.source, self.indices, self.tile_size = source, indices, tile_size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, pos: int) -> dict:
+        tile = self.source[self.indices[pos]]
+        _check_tile(tile, self.tile_size)
+        return {"pos": pos, "key": tile.key, "image": torch.from_numpy(np.ascontiguousarray(tile.image)),
+                "gt": encode_gt(tile.inst_map, tile.type_map), "png": encode_image(tile.image), "meta": tile.meta}
+
+
+def _check_tile(tile, size: int) -> None:
+    if tile.image.shape != (size, size, 3) or tile.image.dtype != np.uint8:
+        raise ValueError(f"tile {tile.key!r}: image is {tile.image.shape} {tile.image.dtype}, expected "
+                         f"({size}, {size}, 3) uint8; every tile of a cache must have the same size")
+    for name in ("inst_map", "type_map"):
+        if getattr(tile, name).shape != (size, size):
+            raise ValueError(f"tile {tile.key!r}: {name} is {getattr(tile, name).shape}, expected ({size}, {size})")
+
+
+def _collate(items: list[dict]) -> dict:
+    batch = {k: [it[k] for it in items] for k in items[0] if k != "image"}
+    batch["image"] = torch.stack([it["image"] for it in items]).permute(0, 3, 1, 2).contiguous()
+    return batch
+
+
+def _batches(todo, batch_size: int) -> list[list[int]]:
+    """Batches never cross shard boundaries, so features do not depend on how shards are spread over ranks."""
+    out, pos = [], 0
+    for _, start, stop in todo:
+        n = stop - start
+        out += [list(range(pos + b, pos + min(b + batch_size, n))) for b in range(0, n, batch_size)]
+        pos += n
+    return out
+
+
+def _run(encoder, source, indices, todo, plan, header, out, config, device, progress, n_skipped, n_mine) -> int:
+    """Encode the pending shards' tiles and hand them to the background writer. Returns tiles written."""
+    if not todo:
+        if progress:
+            progress(n_skipped, n_mine, 0)
+        return 0
+    positions = [p for _, start, stop in todo for p in range(start, stop)]
+    items = _TileItems(source, [indices[p] for p in positions], header["tile_size"])
+    loader = torch.utils.data.DataLoader(
+        items, batch_sampler=_batches(todo, config.batch_size), num_workers=config.num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=False,
+        prefetch_factor=4 if config.num_workers > 0 else None)
+    level_names = [lv["name"] for lv in header["levels"]]
+    writer = BackgroundWriter(out, plan, header["cache_key"], level_names)
+    store = DTYPES[config.dtype]
+    done = n_skipped
+    try:
+        for batch in loader:
+            feats, prefix = _encode(encoder, batch["image"].to(device, non_blocking=True), config.dtype, device)
+            _check_finite(feats, batch["key"], level_names, config.dtype)
+            writer.put(_tiles(batch, feats, prefix, level_names, positions, store))
+            done += len(batch["key"])
+            if progress:
+                progress(done, n_mine, writer.bytes_written)
+        writer.finish()
+    except BaseException:
+        _abandon(writer)
+        raise
+    if progress:
+        progress(done, n_mine, writer.bytes_written)
+    return done - n_skipped
+
+
+def _abandon(writer: BackgroundWriter) -> None:
+    """On error or Ctrl-C: stop the writer; finished shards stay, the unfinished one is removed."""
+    try:
+        writer.finish()
+    except BaseException:  # noqa: BLE001 - the original error is what the user needs to see
+        pass
+
+
+@torch.inference_mode()
+def _encode(encoder, images, dtype: str, device):
+    autocast = _compute_mode(device, dtype) == "bf16-autocast"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        output = encoder(images)
+    return [f.float() for f in output.feats], None if output.prefix is None else [p.float() for p in output.prefix]
+
+
+def _check_finite(feats, keys, level_names, dtype) -> None:
+    store = DTYPES[dtype]
+    for name, f in zip(level_names, feats):
+        finite = torch.isfinite(f.to(store)).flatten(1).all(1)
+        if not bool(finite.all()):
+            bad = [k for k, ok in zip(keys, finite.tolist()) if not ok][:3]
+            hint = " (values exceed the fp16 range: use --dtype bf16)" if bool(torch.isfinite(f).all()) else ""
+            raise CacheError(f"non-finite features at {name} for tiles {bad}{hint}; nothing was written for them")
+
+
+def _tiles(batch, feats, prefix, level_names, positions, store) -> list[EncodedTile]:
+    tiles = []
+    for j, key in enumerate(batch["key"]):
+        named = {n: f[j].to(store).cpu() for n, f in zip(level_names, feats)}
+        if prefix is not None:
+            named.update({"prefix_" + n.split("_", 1)[1]: p[j].to(store).cpu() for n, p in zip(level_names, prefix)})
+        pos = positions[batch["pos"][j]]
+        tiles.append(EncodedTile(key, pos, named, batch["gt"][j], batch["png"][j], batch["meta"][j]))
+    return tiles
+
+
+def _finalize(out: Path, header: dict, n_shards: int, rank: int, world: int) -> dict | None:
+    """Write the manifest once every shard's record exists (rank 0 after a barrier under torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        if rank != 0:
+            torch.distributed.barrier()
+            return read_json(out / MANIFEST, MANIFEST)
+    records = []
+    for i in range(n_shards):
+        path = _existing_shard(out, i)
+        try:
+            record = read_json(sidecar_path(out, path.name), "shard record") if path is not None else None
+        except CacheError:
+            record = None
+        if record is None or record.get("cache_key") != header["cache_key"]:
+            return None  # another rank is still writing; the last one to finish writes the manifest
+        records.append(record)
+    manifest = build_manifest(header, records)
+    write_json_atomic(out / MANIFEST, manifest)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+    return manifest

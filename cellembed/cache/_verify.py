@@ -1,0 +1,75 @@
+"""Re-hash every shard of a cache against its manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+from cellembed.cache._manifest import SHARD_RE, read_manifest
+
+
+def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
+
+
+class ShardProblem(NamedTuple):
+    """One shard that failed verification. ``problem`` is ``missing``, ``truncated``, ``corrupt`` or ``unlisted``."""
+
+    shard: str
+    problem: str
+    detail: str
+
+
+class VerifyReport(NamedTuple):
+    """Result of :func:`verify_cache`: ``ok`` is True when every listed shard is present and intact."""
+
+    cache_dir: Path
+    n_shards: int
+    n_samples: int
+    n_bytes: int
+    problems: list[ShardProblem]
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.problem != "unlisted" for p in self.problems)
+
+
+def verify_cache(cache_dir: str | Path, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check that every shard in the manifest exists with its recorded size and sha256.
+
+    Args:
+        cache_dir: the cache directory.
+        progress: optional callback ``(bytes checked, bytes total)``.
+    """
+    cache_dir = Path(cache_dir)
+    manifest = read_manifest(cache_dir)
+    problems, done, total = [], 0, manifest["n_bytes"]
+    for shard in manifest["shards"]:
+        path = cache_dir / shard["name"]
+        problem = _check_shard(path, shard)
+        if problem is not None:
+            problems.append(problem)
+        done += shard["bytes"]
+        if progress:
+            progress(done, total)
+    listed = {s["name"] for s in manifest["shards"]}
+    for path in sorted(cache_dir.glob("shard-*.tar")):
+        if SHARD_RE.match(path.name) and path.name not in listed:
+            problems.append(ShardProblem(path.name, "unlisted", "not in manifest.json (left over; safe to delete)"))
+    return VerifyReport(cache_dir, len(manifest["shards"]), manifest["n_samples"], manifest["n_bytes"], problems)
+
+
+def _check_shard(path: Path, shard: dict) -> ShardProblem | None:
+    if not path.is_file():
+        return ShardProblem(shard["name"], "missing", "file not found")
+    size = path.stat().st_size
+    if size < shard["bytes"]:
+        return ShardProblem(shard["name"], "truncated", f"{size} of {shard['bytes']} bytes")
+    if size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+        return ShardProblem(shard["name"], "corrupt", "sha256 differs from the manifest")
+    return None

@@ -1,0 +1,226 @@
+"""The ``cellembed`` command line: thin wrappers that parse options, call the library, render with rich."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Frozen vision foundation models for cell segmentation: extract features once, "
+                       "train decoders from the cache.")
+console = Console(stderr=True)
+out_console = Console()
+
+# Errors a user can fix: printed as one red line with exit code 2, never as a traceback.
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError, ImportError, PermissionError, RuntimeError)
+
+
+def _fail(err: BaseException) -> None:
+    if os.environ.get("CELLEMBED_DEBUG"):
+        raise err
+    message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _progress_bar():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+class _ExtractProgress:
+    """Renders extract progress: tiles done, tiles/s and MB/s written."""
+
+    def __init__(self, bar):
+        self.bar, self.task, self.t0, self.first = bar, None, time.perf_counter(), None
+
+    def __call__(self, done: int, total: int, nbytes: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("extract", total=total, rate="")
+            self.first = done
+        dt = max(time.perf_counter() - self.t0, 1e-9)
+        rate = f"{(done - self.first) / dt:6.1f} tiles/s  {nbytes / dt / 1e6:6.1f} MB/s"
+        self.bar.update(self.task, completed=done, rate=rate)
+
+
+@app.command()
+def extract(
+    dataset: str = typer.Option(..., help="pannuke | conic | cytodark0 | folder | synthetic"),
+    out: Path = typer.Option(..., help="Cache directory to write."),
+    encoder: str = typer.Option(..., help="Encoder preset (see `cellembed encoders`)."),
+    root: Optional[Path] = typer.Option(None, help="Dataset root (not needed for synthetic)."),
+    split: str = typer.Option("all", help="all | train | val | test"),
+    folds: Optional[Path] = typer.Option(None, help="A folds.csv (img_id,fold with 0/1/2 = train/val/test)."),
+    scheme: Optional[str] = typer.Option(None, help="Split scheme: pannuke-official[:T,V,E] | cisca | folds-csv | all."),
+    blocks: str = typer.Option("default", help="shallow | deep | mixed | stages | default | explicit list like 2,5,10,20"),
+    weights: str = typer.Option("hub", help="hub | random | packaged | PATH to a weights file"),
+    input_policy: str = typer.Option("resize", help="resize (to the encoder's native size) | native-grid"),
+    dtype: str = typer.Option("fp16", help="Storage dtype: fp16 | bf16 | fp32"),
+    batch_size: int = typer.Option(32, min=1),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),
+    shard_size: int = typer.Option(256, min=1, help="Tiles per shard."),
+    tiles: int = typer.Option(64, min=1, help="synthetic only: number of tiles."),
+    seed: int = typer.Option(0, help="synthetic only: generator seed."),
+    overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
+    rank: Optional[int] = typer.Option(None, help="This process's rank (default: $RANK or 0)."),
+    world_size: Optional[int] = typer.Option(None, help="Number of processes (default: $WORLD_SIZE or 1)."),
+):
+    """Run a frozen encoder once over every tile and write a WebDataset feature cache."""
+    from cellembed.cache import CacheError, ExtractConfig
+    from cellembed.cache import extract as run_extract
+
+    options = {"n_tiles": tiles, "seed": seed} if dataset == "synthetic" else {}
+    config = ExtractConfig(dataset=dataset, out=str(out), encoder=encoder, root=str(root) if root else None,
+                           split=split, folds=str(folds) if folds else None, scheme=scheme, blocks=blocks,
+                           weights=weights, input_policy=input_policy, dtype=dtype, batch_size=batch_size,
+                           device=device, num_workers=workers, shard_size=shard_size, overwrite=overwrite,
+                           rank=rank, world_size=world_size, dataset_options=options)
+    try:
+        with _progress_bar() as bar:
+            result = run_extract(config, progress=_ExtractProgress(bar))
+    except (CacheError, *USER_ERRORS) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished shards are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+    rate = result.n_written / max(result.seconds, 1e-9)
+    console.print(f"[green]cache[/] {result.out}  key {result.cache_key}  tiles {result.n_tiles}  "
+                  f"encoded now {result.n_written} ({rate:.1f} tiles/s)  reused {result.n_skipped}")
+    if result.manifest is None:
+        console.print("[yellow]manifest pending:[/] other ranks are still writing; the last to finish writes it")
+
+
+@app.command()
+def info(cache: Path = typer.Argument(..., help="Cache directory.")):
+    """Print a cache's manifest as tables."""
+    from cellembed.cache import CacheError, read_manifest
+
+    try:
+        manifest = read_manifest(cache)
+    except CacheError as err:
+        _fail(err)
+    ident = manifest["identity"]
+    enc = ident["encoder"]
+    summary = Table(title=f"cache {cache}", show_header=False)
+    for name, value in [
+        ("cache_key", manifest["cache_key"]), ("encoder", enc.get("name")), ("weights", enc.get("weights_id")),
+        ("blocks", enc.get("blocks")), ("input", f"{enc.get('input_policy')} {enc.get('input_hw')}"),
+        ("dtype / compute", f"{ident['dtype']} / {ident['compute']}"), ("dataset", json.dumps(ident["dataset"])),
+        ("split", f"{ident['split']['split']} ({ident['split']['scheme']})"),
+        ("tiles", f"{manifest['n_samples']} of {manifest['n_tiles']}, {manifest['tile_size']} px"),
+        ("classes", ", ".join(manifest["class_names"])), ("shards", len(manifest["shards"])),
+        ("size", f"{manifest['n_bytes'] / 1e6:.1f} MB"), ("versions", json.dumps(manifest["versions"])),
+    ]:
+        summary.add_row(name, str(value))
+    levels = Table(title="levels")
+    for col in ("name", "block", "channels", "grid", "stride", "mean of channel means", "mean of channel stds"):
+        levels.add_column(col)
+    for lv in manifest["levels"]:
+        mean = sum(lv.get("mean", [0])) / max(len(lv.get("mean", [0])), 1)
+        std = sum(lv.get("std", [0])) / max(len(lv.get("std", [0])), 1)
+        levels.add_row(lv["name"], str(lv["block"]), str(lv["channels"]), "x".join(map(str, lv["grid"])),
+                       f"{lv['stride']:.2f}", f"{mean:.4f}", f"{std:.4f}")
+    out_console.print(summary)
+    out_console.print(levels)
+
+
+@app.command()
+def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
+    """Re-hash every shard and report any that is missing, truncated or corrupt."""
+    from cellembed.cache import CacheError, verify_cache
+
+    try:
+        with _progress_bar() as bar:
+            task = bar.add_task("verify", total=None, rate="")
+            report = verify_cache(cache, progress=lambda d, t: bar.update(task, completed=d, total=t))
+    except CacheError as err:
+        _fail(err)
+    for p in report.problems:
+        colour = "yellow" if p.problem == "unlisted" else "red"
+        out_console.print(f"[{colour}]{p.problem:9s}[/] {cache / p.shard}: {p.detail}")
+    if report.ok:
+        out_console.print(f"[green]ok[/] {report.n_shards} shards, {report.n_samples} tiles, "
+                          f"{report.n_bytes / 1e6:.1f} MB verified")
+    else:
+        out_console.print(f"[red]{sum(p.problem != 'unlisted' for p in report.problems)} bad shard(s)[/]: rerun "
+                          "the same `cellembed extract` command to rebuild them")
+        raise typer.Exit(1)
+
+
+@app.command()
+def encoders():
+    """List encoder presets: blocks, input size, dims, licence."""
+    from cellembed.encoders import list_specs
+
+    table = Table(title="encoder presets")
+    for col in ("preset", "source", "family", "depth", "dim", "patch", "prefix", "input", "blocks", "licence", "gated"):
+        table.add_column(col, overflow="fold")
+    for spec in list_specs():
+        presets = "  ".join(f"{k}={list(v)}" for k, v in spec.block_presets.items())
+        table.add_row(spec.name, spec.source, spec.family, str(spec.depth), str(spec.embed_dim),
+                      str(spec.patch_size or "-"), str(spec.num_prefix_tokens), str(spec.input_size), presets,
+                      spec.licence, "yes" if spec.gated else "")
+    out_console.print(table)
+
+
+@app.command()
+def synth(
+    out: Path = typer.Argument(..., help="Folder to write (folder format: images/, labels/, classes.txt)."),
+    tiles: int = typer.Option(64, min=1, help="Number of tiles."),
+    seed: int = typer.Option(0, help="Generator seed."),
+    size: int = typer.Option(256, min=32, help="Tile side in pixels."),
+    overwrite: bool = typer.Option(False, help="Replace an existing folder."),
+):
+    """Write a seeded synthetic H&E-like nuclei dataset in the folder format."""
+    from cellembed.data import write_synthetic_dataset
+
+    try:
+        with _progress_bar() as bar:
+            task = bar.add_task("synth", total=tiles, rate="")
+            path = write_synthetic_dataset(out, tiles, seed, size=size, overwrite=overwrite,
+                                           progress=lambda n: bar.update(task, completed=n))
+    except USER_ERRORS as err:
+        _fail(err)
+    console.print(f"[green]wrote[/] {tiles} tiles to {path}")
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("cellembed-demo"), help="Folder for the demo's outputs."),
+    tiles: int = typer.Option(48, min=4, help="Synthetic tiles to generate."),
+):
+    """Run the pipeline end to end on a synthetic dataset with the packaged EfficientNet-Lite0."""
+    from cellembed.demo import run_demo
+
+    try:
+        with _progress_bar() as bar:
+            result = run_demo(out, tiles=tiles, progress=_ExtractProgress(bar), warn=console.print)
+    except USER_ERRORS as err:
+        _fail(err)
+    info(result.cache)
+    console.print(f"[green]demo finished[/] in {result.seconds:.1f} s. Outputs: dataset {result.dataset}, "
+                  f"cache {result.cache}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
