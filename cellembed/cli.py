@@ -54,6 +54,16 @@ class _ExtractProgress:
         self.bar.update(self.task, completed=done, rate=rate)
 
 
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair!r} is not KEY=VALUE")
+        options[key] = int(value) if value.lstrip("-").isdigit() else value
+    return options
+
+
 @app.command()
 def extract(
     dataset: str = typer.Option(..., help="pannuke | conic | cytodark0 | folder | synthetic"),
@@ -71,8 +81,8 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),
     shard_size: int = typer.Option(256, min=1, help="Tiles per shard."),
-    tiles: int = typer.Option(64, min=1, help="synthetic only: number of tiles."),
-    seed: int = typer.Option(0, help="synthetic only: generator seed."),
+    option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE, repeatable "
+                                     "(synthetic: n_tiles, seed, size; cytodark0: magnification, size)."),
     overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
     rank: Optional[int] = typer.Option(None, help="This process's rank (default: $RANK or 0)."),
     world_size: Optional[int] = typer.Option(None, help="Number of processes (default: $WORLD_SIZE or 1)."),
@@ -81,7 +91,10 @@ def extract(
     from cellembed.cache import CacheError, ExtractConfig
     from cellembed.cache import extract as run_extract
 
-    options = {"n_tiles": tiles, "seed": seed} if dataset == "synthetic" else {}
+    try:
+        options = _parse_options(option)
+    except ValueError as err:
+        _fail(err)
     config = ExtractConfig(dataset=dataset, out=str(out), encoder=encoder, root=str(root) if root else None,
                            split=split, folds=str(folds) if folds else None, scheme=scheme, blocks=blocks,
                            weights=weights, input_policy=input_policy, dtype=dtype, batch_size=batch_size,

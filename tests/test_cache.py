@@ -1,0 +1,235 @@
+"""Stage one end to end: extract → shards + manifest, resume, refusal, verify, ranks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cellembed.cache import CacheError, ExtractConfig, extract, open_cache, read_manifest, verify_cache
+from cellembed.data import open_dataset
+
+N_TILES = 10
+
+
+def config(out, **kw) -> ExtractConfig:
+    base = dict(dataset="synthetic", out=str(out), encoder="test_vit", weights="random", blocks="default",
+                batch_size=3, num_workers=0, shard_size=4, device="cpu",
+                dataset_options={"n_tiles": N_TILES, "seed": 3, "size": 64})
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def manifest_without_names(manifest: dict) -> dict:
+    m = json.loads(json.dumps(manifest))
+    for s in m["shards"]:
+        s.pop("name")
+    return m
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One complete single-process cache shared by several tests (read-only)."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    result = extract(config(out))
+    return out, result
+
+
+def test_extract_writes_cache_contract(reference):
+    out, result = reference
+    manifest = read_manifest(out)
+    assert result.n_tiles == N_TILES and result.n_written == N_TILES and result.n_skipped == 0
+    assert manifest["n_samples"] == N_TILES
+    assert [s["n_samples"] for s in manifest["shards"]] == [4, 4, 2]
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == ["shard-00-000000.tar", "shard-00-000001.tar",
+                                                               "shard-00-000002.tar"]
+    assert not list(out.glob(".*.tmp"))
+    for level in manifest["levels"]:
+        assert len(level["mean"]) == level["channels"] == len(level["std"])
+        assert all(s > 0 for s in level["std"])
+    assert manifest["identity"]["encoder"]["name"] == "test_vit"
+    assert len(manifest["cache_key"]) == 24
+
+
+def test_samples_round_trip_ground_truth_and_features(reference):
+    out, _ = reference
+    cache = open_cache(out)
+    source = open_dataset("synthetic", None, n_tiles=N_TILES, seed=3, size=64)
+    samples = list(cache)
+    assert [s.key for s in samples] == source.keys
+    for sample in samples:
+        tile = source[source.keys.index(sample.key)]
+        np.testing.assert_array_equal(sample.image, tile.image)
+        np.testing.assert_array_equal(sample.inst_map, tile.inst_map)
+        np.testing.assert_array_equal(sample.type_map, tile.type_map)
+        assert sample.inst_map.dtype == np.int32 and sample.type_map.dtype == np.uint8
+        for feat, level in zip(sample.feats, cache.manifest["levels"]):
+            assert feat.dtype == torch.float16
+            assert tuple(feat.shape) == (level["channels"], *level["grid"])
+        assert sample.prefix is not None and sample.prefix[0].shape[0] == cache.manifest["num_prefix_tokens"]
+
+
+def test_channel_statistics_match_features(reference):
+    out, _ = reference
+    cache = open_cache(out)
+    first = torch.stack([s.feats[0].double() for s in cache])  # (N, C, h, w)
+    mean = first.mean(dim=(0, 2, 3)).numpy()
+    np.testing.assert_allclose(cache.manifest["levels"][0]["mean"], mean, atol=1e-5)
+
+
+def test_features_match_a_direct_encoder_forward(reference):
+    from cellembed.encoders import build_encoder
+
+    out, _ = reference
+    cache = open_cache(out)
+    sample = next(iter(cache))
+    enc = build_encoder("test_vit", weights="random", tile_size=64)
+    with torch.inference_mode():
+        feats = enc(torch.from_numpy(sample.image).permute(2, 0, 1)[None]).feats
+    for cached, direct in zip(sample.feats, feats):
+        torch.testing.assert_close(cached.float(), direct[0].half().float(), atol=1e-3, rtol=1e-3)
+
+
+def test_rerun_skips_everything_and_reproduces_manifest(reference, tmp_path):
+    out, _ = reference
+    again = extract(config(tmp_path / "c"))
+    assert manifest_without_names(read_manifest(tmp_path / "c")) == manifest_without_names(read_manifest(out))
+    rerun = extract(config(tmp_path / "c"))
+    assert rerun.n_written == 0 and rerun.n_skipped == N_TILES
+    assert read_manifest(tmp_path / "c") == again.manifest
+
+
+def test_interrupted_extract_resumes_to_identical_manifest(reference, tmp_path):
+    out, _ = reference
+
+    def stop_after_five(done, total, nbytes):
+        if done >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(config(tmp_path / "c"), progress=stop_after_five)
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    assert not list((tmp_path / "c").glob(".*.tmp"))  # the unfinished shard was dropped
+    kept = sorted(p.name for p in (tmp_path / "c").glob("shard-*.tar"))
+    assert kept and len(kept) < 3
+    resumed = extract(config(tmp_path / "c"))
+    assert resumed.n_skipped == 4 * len(kept) and resumed.n_written == N_TILES - 4 * len(kept)
+    assert read_manifest(tmp_path / "c") == read_manifest(out)
+
+
+def test_corrupt_shard_is_rebuilt_on_rerun(reference, tmp_path):
+    out, _ = reference
+    extract(config(tmp_path / "c"))
+    shard = tmp_path / "c" / "shard-00-000001.tar"
+    data = bytearray(shard.read_bytes())
+    data[1000] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    report = verify_cache(tmp_path / "c")
+    assert not report.ok and [(p.shard, p.problem) for p in report.problems] == [(shard.name, "corrupt")]
+    again = extract(config(tmp_path / "c"))
+    assert again.n_written == 4 and verify_cache(tmp_path / "c").ok
+    assert read_manifest(tmp_path / "c") == read_manifest(out)
+
+
+def test_verify_reports_missing_and_truncated(reference, tmp_path):
+    extract(config(tmp_path / "c"))
+    (tmp_path / "c" / "shard-00-000000.tar").unlink()
+    path = tmp_path / "c" / "shard-00-000002.tar"
+    path.write_bytes(path.read_bytes()[:500])
+    problems = {p.shard: p.problem for p in verify_cache(tmp_path / "c").problems}
+    assert problems == {"shard-00-000000.tar": "missing", "shard-00-000002.tar": "truncated"}
+
+
+def test_cache_of_another_config_is_refused_naming_the_difference(reference, tmp_path):
+    extract(config(tmp_path / "c"))
+    with pytest.raises(CacheError, match=r"encoder\.blocks.*--overwrite"):
+        extract(config(tmp_path / "c", blocks="0,1"))
+    result = extract(config(tmp_path / "c", blocks="0,1", overwrite=True))
+    assert result.n_written == N_TILES
+    assert read_manifest(tmp_path / "c")["identity"]["encoder"]["blocks"] == [0, 1]
+
+
+def test_non_cache_directory_is_refused(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("mine")
+    with pytest.raises(CacheError, match="not a cellembed cache"):
+        extract(config(tmp_path / "c"))
+
+
+def test_disk_full_keeps_finished_shards(reference, tmp_path, monkeypatch):
+    from cellembed.cache import _writer
+
+    original, calls = _writer.ShardWriter.add, {"n": 0}
+
+    def add(self, tile):
+        calls["n"] += 1
+        if calls["n"] > 6:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, tile)
+
+    monkeypatch.setattr(_writer.ShardWriter, "add", add)
+    with pytest.raises(CacheError, match="disk full.*rerun the same command"):
+        extract(config(tmp_path / "c"))
+    assert [p.name for p in (tmp_path / "c").glob("shard-*.tar")] == ["shard-00-000000.tar"]
+    monkeypatch.setattr(_writer.ShardWriter, "add", original)
+    assert extract(config(tmp_path / "c")).n_skipped == 4
+
+
+def test_two_ranks_without_process_group_match_single_process(reference, tmp_path):
+    out, _ = reference
+    first = extract(config(tmp_path / "c", rank=1, world_size=2))
+    assert first.manifest is None  # rank 0 has not written its shards yet
+    second = extract(config(tmp_path / "c", rank=0, world_size=2))
+    assert sorted(p.name for p in (tmp_path / "c").glob("shard-*.tar")) == [
+        "shard-00-000000.tar", "shard-00-000002.tar", "shard-01-000001.tar"]
+    assert manifest_without_names(second.manifest) == manifest_without_names(read_manifest(out))
+
+
+SYNTH_CLI = ["--dataset", "synthetic", "-o", f"n_tiles={N_TILES}", "-o", "seed=3", "-o", "size=64",
+             "--encoder", "test_vit", "--weights", "random", "--shard-size", "4", "--workers", "0", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(reference, tmp_path):
+    out, _ = reference
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "cellembed", "extract", *SYNTH_CLI, "--batch-size", "3", "--out", str(tmp_path / "c")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "c").glob("shard-*.tar")) == [
+        "shard-00-000000.tar", "shard-00-000002.tar", "shard-01-000001.tar"]
+    assert manifest_without_names(read_manifest(tmp_path / "c")) == manifest_without_names(read_manifest(out))
+    ref = {s.key: s for s in open_cache(out)}
+    for sample in open_cache(tmp_path / "c"):
+        for a, b in zip(sample.feats, ref[sample.key].feats):
+            torch.testing.assert_close(a, b)
+
+
+@pytest.mark.slow
+def test_killed_cli_extraction_resumes(tmp_path):
+    n = 400
+    cmd = [sys.executable, "-m", "cellembed", "extract", *SYNTH_CLI, "-o", f"n_tiles={n}", "--batch-size", "1",
+           "--out", str(tmp_path / "c")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list((tmp_path / "c").glob("shard-*.tar")) and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "c" / "manifest.json").exists()
+    kept = len(list((tmp_path / "c").glob("shard-*.tar")))
+    assert 1 <= kept < n // 4
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"reused {4 * kept}" in " ".join(done.stderr.split())
+    fresh = extract(config(tmp_path / "fresh", batch_size=1, dataset_options={"n_tiles": n, "seed": 3, "size": 64}))
+    assert read_manifest(tmp_path / "c") == fresh.manifest
