@@ -128,7 +128,7 @@ def info(cache: Path = typer.Argument(..., help="Cache directory.")):
     enc = ident["encoder"]
     summary = Table(title=f"cache {cache}", show_header=False)
     for name, value in [
-        ("cache_key", manifest["cache_key"]), ("encoder", enc.get("name")), ("weights", enc.get("weights_id")),
+        ("cache_key", manifest["cache_key"]), ("encoder", enc.get("encoder")), ("weights", enc.get("weights_id")),
         ("blocks", enc.get("blocks")), ("input", f"{enc.get('input_policy')} {enc.get('input_hw')}"),
         ("dtype / compute", f"{ident['dtype']} / {ident['compute']}"), ("dataset", json.dumps(ident["dataset"])),
         ("split", f"{ident['split']['split']} ({ident['split']['scheme']})"),

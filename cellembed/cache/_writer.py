@@ -86,7 +86,6 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        os.replace(self.tmp, self.path)
         record = {
             "name": self.name, "index": self.index, "cache_key": self.cache_key,
             "n_samples": len(self.keys), "bytes": self._hashing.size, "sha256": self._hashing.sha.hexdigest(),
@@ -95,7 +94,9 @@ class ShardWriter:
             "stats": {n: {"count": self._count[n], "sum": self._sum[n].tolist(), "sumsq": self._sumsq[n].tolist()}
                       for n in self._sum if self._sum[n] is not None},
         }
+        # The record goes first: a shard file that exists always has its record, so a rerun can verify it.
         write_json_atomic(sidecar_path(self.cache_dir, self.name), record)
+        os.replace(self.tmp, self.path)
         return record
 
     def abort(self) -> None:
@@ -164,6 +165,8 @@ class BackgroundWriter:
                         self.records.append(writer.close())
                         self.bytes_written += self.records[-1]["bytes"]
                         writer = None
+            if writer is not None:  # stopped early (error or Ctrl-C upstream): drop the unfinished shard
+                writer.abort()
         except BaseException as err:  # noqa: BLE001 - handed to the main thread
             if writer is not None:
                 writer.abort()
