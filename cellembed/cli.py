@@ -43,12 +43,12 @@ class _ExtractProgress:
     """Renders extract progress: tiles done, tiles/s and MB/s written."""
 
     def __init__(self, bar):
-        self.bar, self.task, self.t0, self.first = bar, None, time.perf_counter(), None
+        self.bar, self.task, self.t0, self.first = bar, None, None, None
 
     def __call__(self, done: int, total: int, nbytes: int) -> None:
         if self.task is None:
             self.task = self.bar.add_task("extract", total=total, rate="")
-            self.first = done
+            self.t0, self.first = time.perf_counter(), done
         dt = max(time.perf_counter() - self.t0, 1e-9)
         rate = f"{(done - self.first) / dt:6.1f} tiles/s  {nbytes / dt / 1e6:6.1f} MB/s"
         self.bar.update(self.task, completed=done, rate=rate)
