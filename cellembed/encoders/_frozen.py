@@ -120,7 +120,7 @@ class FrozenEncoder(nn.Module):
     def describe(self) -> dict[str, Any]:
         """JSON-able record of everything that changes the output bytes (for the cache manifest / key).
 
-        Device and autocast dtype are not known here; the extractor records them.
+        Device, autocast dtype and the torch version are not recorded here; the extractor records them.
         """
         import timm
 
@@ -134,7 +134,7 @@ class FrozenEncoder(nn.Module):
             "interpolation": spec.interpolation, "weights_id": self.weights_id,
             "levels": [{**lvl._asdict(), "grid": list(lvl.grid)} for lvl in self.levels],
             "param_dtype": str(next(self.backbone.parameters()).dtype).removeprefix("torch."),
-            "timm_version": timm.__version__, "torch_version": torch.__version__.split("+")[0],
+            "timm_version": timm.__version__,
         }
         if spec.family == "hf-vit":
             import transformers
