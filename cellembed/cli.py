@@ -17,10 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Frozen vision foundation models for cell segmentation: extract features once, "
                        "train decoders from the cache.")
 console = Console(stderr=True)
-out_console = Console()
+
+
+def _stdout() -> Console:
+    """Stdout console made at call time; wide and unwrapped when stdout is a file or pipe, so rows stay whole."""
+    probe = Console()
+    return probe if probe.is_terminal else Console(width=200, soft_wrap=True)
 
 # Errors a user can fix: printed as one red line with exit code 2, never as a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, ImportError, PermissionError, RuntimeError)
+USER_ERRORS = (FileNotFoundError, ValueError, KeyError, TypeError, ImportError, PermissionError, RuntimeError)
 
 
 def _fail(err: BaseException) -> None:
@@ -145,8 +150,9 @@ def info(cache: Path = typer.Argument(..., help="Cache directory.")):
         std = sum(lv.get("std", [0])) / max(len(lv.get("std", [0])), 1)
         levels.add_row(lv["name"], str(lv["block"]), str(lv["channels"]), "x".join(map(str, lv["grid"])),
                        f"{lv['stride']:.2f}", f"{mean:.4f}", f"{std:.4f}")
-    out_console.print(summary)
-    out_console.print(levels)
+    out = _stdout()
+    out.print(summary)
+    out.print(levels)
 
 
 @app.command()
@@ -162,12 +168,12 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
         _fail(err)
     for p in report.problems:
         colour = "yellow" if p.problem == "unlisted" else "red"
-        out_console.print(f"[{colour}]{p.problem:9s}[/] {cache / p.shard}: {p.detail}")
+        _stdout().print(f"[{colour}]{p.problem:9s}[/] {cache / p.shard}: {p.detail}")
     if report.ok:
-        out_console.print(f"[green]ok[/] {report.n_shards} shards, {report.n_samples} tiles, "
+        _stdout().print(f"[green]ok[/] {report.n_shards} shards, {report.n_samples} tiles, "
                           f"{report.n_bytes / 1e6:.1f} MB verified")
     else:
-        out_console.print(f"[red]{sum(p.problem != 'unlisted' for p in report.problems)} bad shard(s)[/]: rerun "
+        _stdout().print(f"[red]{sum(p.problem != 'unlisted' for p in report.problems)} bad shard(s)[/]: rerun "
                           "the same `cellembed extract` command to rebuild them")
         raise typer.Exit(1)
 
@@ -178,14 +184,17 @@ def encoders():
     from cellembed.encoders import list_specs
 
     table = Table(title="encoder presets")
-    for col in ("preset", "source", "family", "depth", "dim", "patch", "prefix", "input", "blocks", "licence", "gated"):
+    for col in ("preset", "source", "depth x dim", "patch / prefix", "input", "blocks (default first)", "licence"):
         table.add_column(col, overflow="fold")
+    table.columns[0].no_wrap = True
     for spec in list_specs():
-        presets = "  ".join(f"{k}={list(v)}" for k, v in spec.block_presets.items())
-        table.add_row(spec.name, spec.source, spec.family, str(spec.depth), str(spec.embed_dim),
-                      str(spec.patch_size or "-"), str(spec.num_prefix_tokens), str(spec.input_size), presets,
-                      spec.licence, "yes" if spec.gated else "")
-    out_console.print(table)
+        names = [spec.default_blocks] + [k for k in spec.block_presets if k != spec.default_blocks]
+        presets = "\n".join(f"{k} {list(spec.block_presets[k])}" for k in names if k in spec.block_presets)
+        patch = f"{spec.patch_size or '-'} / {spec.num_prefix_tokens}"
+        licence = spec.licence + (" (gated)" if spec.gated else "")
+        table.add_row(spec.name, spec.source, f"{spec.depth} x {spec.embed_dim}", patch, str(spec.input_size),
+                      presets, licence)
+    _stdout().print(table)
 
 
 @app.command()

@@ -71,8 +71,9 @@ def load_backbone(spec: EncoderSpec, weights: str, seed: int = 0) -> tuple[nn.Mo
         return _from_hub(spec, seed)
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"weights={weights!r} is neither one of {list(spec.weight_sources)} "
-                                f"nor an existing file")
+        names = [w for w in spec.weight_sources if w != "file"]
+        raise FileNotFoundError(f"weights file {str(path)!r} not found; pass an existing .safetensors/.pth file "
+                                f"or one of {names}")
     model = random_init(spec, seed)
     load_file(model, spec, path)
     return model, f"file:sha256={sha256(path)}"

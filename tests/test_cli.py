@@ -1,0 +1,113 @@
+"""The command line as a user meets it: help, errors as one line, synth → extract → info → verify, demo."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cellembed.cache import open_cache, read_manifest
+from cellembed.cli import app
+
+runner = CliRunner()
+COMMANDS = ["extract", "info", "verify", "encoders", "synth", "demo"]
+REALDATA = Path(os.environ.get("CELLEMBED_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args), catch_exceptions=False)
+
+
+def test_help_lists_every_command():
+    result = run("--help")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert command in result.output
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_command_has_help(command):
+    result = run(command, "--help")
+    assert result.exit_code == 0 and "Usage" in result.output
+
+
+def test_module_entry_point_works():
+    proc = subprocess.run([sys.executable, "-m", "cellembed", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "extract" in proc.stdout
+
+
+def test_encoders_table_lists_presets_with_licence():
+    result = run("encoders")
+    assert result.exit_code == 0
+    for name in ("uni2_h", "virchow2", "prov_gigapath", "convnext_b_22k", "efficientnet_lite0_in1k", "test_vit"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dataset", "folder", "--root", "/nonexistent/data"], "/nonexistent/data"),
+    (["--dataset", "synthetic", "--encoder", "no_such_encoder"], "valid names"),
+    (["--dataset", "synthetic", "--blocks", "99"], "out of range"),
+    (["--dataset", "synthetic", "-o", "n_tile=3"], "unknown option"),
+    (["--dataset", "synthetic", "-o", "n_tiles"], "KEY=VALUE"),
+    (["--dataset", "synthetic", "--weights", "/nonexistent/w.safetensors"], "not found"),
+])
+def test_bad_input_gives_one_line_error(tmp_path, args, message):
+    base = {"--encoder": "test_vit", "--weights": "random", "--out": str(tmp_path / "c")}
+    for i in range(0, len(args) - 1):
+        if args[i] in base:
+            base.pop(args[i])
+    extra = [x for kv in base.items() for x in kv]
+    result = run("extract", *args, *extra)
+    assert result.exit_code == 2
+    assert "error:" in result.output and message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_synth_extract_info_verify(tmp_path):
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    assert run("synth", str(data), "--tiles", "6", "--seed", "1", "--size", "64").exit_code == 0
+    assert len(list((data / "images").iterdir())) == 6
+    result = run("extract", "--dataset", "folder", "--root", str(data), "--encoder", "test_convnext",
+                 "--weights", "random", "--workers", "1", "--shard-size", "4", "--device", "cpu", "--out", str(cache))
+    assert result.exit_code == 0, result.output
+    assert "tiles 6" in result.output
+    info = run("info", str(cache))
+    assert info.exit_code == 0 and read_manifest(cache)["cache_key"] in info.output and "block_" in info.output
+    assert run("verify", str(cache)).exit_code == 0
+    shard = next(cache.glob("shard-*.tar"))
+    shard.write_bytes(shard.read_bytes()[:300])
+    bad = run("verify", str(cache))
+    assert bad.exit_code == 1 and "truncated" in bad.output and shard.name in bad.output
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = run("demo", "--out", str(tmp_path / "demo"), "--tiles", "8")
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "demo" / "cache" / "efficientnet_lite0_in1k")
+    assert len(cache) == 8
+    assert cache.manifest["identity"]["encoder"]["weights_id"].startswith("packaged:")
+    assert "demo finished" in result.output and "cache_key" in result.output
+
+
+@pytest.mark.skipif(not (REALDATA / "consep_tiles256" / "labels.npz").is_file(), reason="../shared/realdata absent")
+@pytest.mark.parametrize("encoder, weights", [("test_vit", "random"), ("efficientnet_lite0_in1k", "packaged")])
+def test_extract_real_consep_tiles(tmp_path, encoder, weights):
+    """Real CoNSeP tiles through the folder reader, a user folds.csv selecting 12 test tiles."""
+    root = REALDATA / "consep_tiles256"
+    names = sorted(p.stem for p in (root / "images").glob("*.jpg"))
+    folds = tmp_path / "folds.csv"
+    folds.write_text("img_id,fold\n" + "".join(f"{n},{2 if i < 12 else 0}\n" for i, n in enumerate(names)))
+    result = run("extract", "--dataset", "folder", "--root", str(root), "--split", "test", "--folds", str(folds),
+                 "--encoder", encoder, "--weights", weights, "--workers", "1", "--device", "cpu",
+                 "--out", str(tmp_path / "cache"))
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "cache")
+    assert cache.manifest["class_names"] == ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
+    samples = list(cache)
+    assert [s.key for s in samples] == names[:12]
+    assert all(s.inst_map.max() > 0 and s.type_map.max() <= 4 for s in samples)
+    assert cache.manifest["identity"]["split"]["scheme"] == "folds-csv"
