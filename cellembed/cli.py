@@ -69,11 +69,18 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
+# CLI option name → ExtractConfig field, where they differ.
+_EXTRACT_FIELDS = {"workers": "num_workers", "option": "dataset_options"}
+
+
 @app.command()
 def extract(
-    dataset: str = typer.Option(..., help="pannuke | conic | cytodark0 | folder | synthetic"),
-    out: Path = typer.Option(..., help="Cache directory to write."),
-    encoder: str = typer.Option(..., help="Encoder preset (see `cellembed encoders`)."),
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, help="YAML file with any of these options (field names of "
+                                          "cellembed.cache.ExtractConfig); options given here win."),
+    dataset: Optional[str] = typer.Option(None, help="pannuke | conic | cytodark0 | folder | synthetic [required]"),
+    out: Optional[Path] = typer.Option(None, help="Cache directory to write. [required]"),
+    encoder: Optional[str] = typer.Option(None, help="Encoder preset (see `cellembed encoders`). [required]"),
     root: Optional[Path] = typer.Option(None, help="Dataset root (not needed for synthetic)."),
     split: str = typer.Option("all", help="all | train | val | test"),
     folds: Optional[Path] = typer.Option(None, help="A folds.csv (img_id,fold with 0/1/2 = train/val/test)."),
@@ -97,27 +104,41 @@ def extract(
     from cellembed.cache import extract as run_extract
 
     try:
-        options = _parse_options(option)
-    except ValueError as err:
+        cfg = _extract_config(ctx, config, ExtractConfig)
+    except USER_ERRORS as err:
         _fail(err)
-    config = ExtractConfig(dataset=dataset, out=str(out), encoder=encoder, root=str(root) if root else None,
-                           split=split, folds=str(folds) if folds else None, scheme=scheme, blocks=blocks,
-                           weights=weights, input_policy=input_policy, dtype=dtype, batch_size=batch_size,
-                           device=device, num_workers=workers, shard_size=shard_size, overwrite=overwrite,
-                           rank=rank, world_size=world_size, dataset_options=options)
     try:
         with _progress_bar() as bar:
-            result = run_extract(config, progress=_ExtractProgress(bar))
+            result = run_extract(cfg, progress=_ExtractProgress(bar))
     except (CacheError, *USER_ERRORS) as err:
         _fail(err)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] finished shards are kept; rerun the same command to resume")
         raise typer.Exit(130)
-    rate = result.n_written / max(result.seconds, 1e-9)
+    rate = result.n_written / max(result.encode_seconds, 1e-9)
     console.print(f"[green]cache[/] {result.out}  key {result.cache_key}  tiles {result.n_tiles}  "
                   f"encoded now {result.n_written} ({rate:.1f} tiles/s)  reused {result.n_skipped}")
     if result.manifest is None:
         console.print("[yellow]manifest pending:[/] other ranks are still writing; the last to finish writes it")
+
+
+def _extract_config(ctx: typer.Context, path: Optional[Path], cls):
+    """Merge a YAML config with the options given on the command line (those win) into an ExtractConfig."""
+    from cellembed._config import from_dict, load_yaml
+
+    data = load_yaml(path) if path else {}
+    for name, value in ctx.params.items():
+        source = ctx.get_parameter_source(name)
+        explicit = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
+        if name == "config" or (path and not explicit):
+            continue
+        if name == "option":
+            value = {**data.get("dataset_options", {}), **_parse_options(value)}
+        elif isinstance(value, Path):
+            value = str(value)
+        if value is not None or explicit:
+            data[_EXTRACT_FIELDS.get(name, name)] = value
+    return from_dict(cls, data, str(path) if path else "command line")
 
 
 @app.command()

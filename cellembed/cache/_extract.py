@@ -58,7 +58,8 @@ class ExtractResult(NamedTuple):
         n_tiles: tiles in the whole cache.
         n_written: tiles this process encoded now.
         n_skipped: tiles this process found already written and verified.
-        seconds: wall time of this process.
+        seconds: wall time of this process, start-up included.
+        encode_seconds: wall time of the encode-and-write loop alone (what tiles/s should be measured on).
         manifest: the manifest, or None while other ranks are still writing their shards.
     """
 
@@ -68,6 +69,7 @@ class ExtractResult(NamedTuple):
     n_written: int
     n_skipped: int
     seconds: float
+    encode_seconds: float
     manifest: dict | None
 
 
@@ -103,10 +105,13 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     n_skipped = sum(s[2] - s[1] for s in mine if s not in todo)
     _remove_stale(out, todo)
     plan_out = [(shard_name(rank, i), i, stop - start) for i, start, stop in todo]
+    t_loop = time.perf_counter()
     n_written = _run(encoder, source, selection.indices, todo, plan_out, header, out, config, device, progress,
                      n_skipped, sum(s[2] - s[1] for s in mine))
+    t_done = time.perf_counter()
     manifest = _finalize(out, header, len(plan), rank, world)
-    return ExtractResult(out, header["cache_key"], len(keys), n_written, n_skipped, time.perf_counter() - t0, manifest)
+    return ExtractResult(out, header["cache_key"], len(keys), n_written, n_skipped, time.perf_counter() - t0,
+                         t_done - t_loop, manifest)
 
 
 def _rank_and_world(config: ExtractConfig) -> tuple[int, int]:
@@ -307,9 +312,9 @@ def _batches(todo, batch_size: int) -> list[list[int]]:
 
 def _run(encoder, source, indices, todo, plan, header, out, config, device, progress, n_skipped, n_mine) -> int:
     """Encode the pending shards' tiles and hand them to the background writer. Returns tiles written."""
+    if progress:
+        progress(n_skipped, n_mine, 0)
     if not todo:
-        if progress:
-            progress(n_skipped, n_mine, 0)
         return 0
     positions = [p for _, start, stop in todo for p in range(start, stop)]
     items = _TileItems(source, [indices[p] for p in positions], header["tile_size"])
