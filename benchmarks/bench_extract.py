@@ -48,12 +48,15 @@ def bare_forward(name: str, weights: str, images: torch.Tensor, batch: int, devi
         enc(images[:batch].to(device))  # warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for i in range(0, len(images), batch):
-            enc(images[i:i + batch].to(device))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return len(images) / (time.perf_counter() - t0)
+        best = float("inf")
+        for _ in range(2):  # best of two passes: the bare forward is the limit we compare against
+            t0 = time.perf_counter()
+            for i in range(0, len(images), batch):
+                enc(images[i:i + batch].to(device))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t0)
+    return len(images) / best
 
 
 def main() -> None:
