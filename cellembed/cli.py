@@ -25,7 +25,21 @@ def _stdout() -> Console:
     return probe if probe.is_terminal else Console(width=200, soft_wrap=True)
 
 # Errors a user can fix: printed as one red line with exit code 2, never as a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError, KeyError, TypeError, ImportError, PermissionError, RuntimeError)
+USER_ERRORS = (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from cellembed import __version__
+
+        typer.echo(f"cellembed {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")):
+    """Frozen vision foundation models for cell segmentation: extract features once, train decoders from the cache."""
 
 
 def _fail(err: BaseException) -> None:
@@ -94,7 +108,8 @@ def extract(
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),
     shard_size: int = typer.Option(256, min=1, help="Tiles per shard."),
     option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE, repeatable "
-                                     "(synthetic: n_tiles, seed, size; cytodark0: magnification, size)."),
+                                     "(synthetic: n_tiles, seed, size; cytodark0: magnification, size; folder: "
+                                     "group_regex, e.g. '(.+)_\\d+$' to group tiles by source image)."),
     overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
     rank: Optional[int] = typer.Option(None, help="This process's rank (default: $RANK or 0)."),
     world_size: Optional[int] = typer.Option(None, help="Number of processes (default: $WORLD_SIZE or 1)."),
@@ -184,7 +199,8 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
     try:
         with _progress_bar() as bar:
             task = bar.add_task("verify", total=None, rate="")
-            report = verify_cache(cache, progress=lambda d, t: bar.update(task, completed=d, total=t))
+            report = verify_cache(cache, progress=lambda d, t: bar.update(task, completed=d // 2**20,
+                                                                           total=t // 2**20, rate="MiB"))
     except CacheError as err:
         _fail(err)
     for p in report.problems:

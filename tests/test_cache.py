@@ -163,6 +163,9 @@ def test_non_cache_directory_is_refused(tmp_path):
     (tmp_path / "c" / "notes.txt").write_text("mine")
     with pytest.raises(CacheError, match="not a cellembed cache"):
         extract(config(tmp_path / "c"))
+    with pytest.raises(CacheError, match="never other files"):
+        extract(config(tmp_path / "c", overwrite=True))
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["notes.txt"]
 
 
 def test_disk_full_keeps_finished_shards(reference, tmp_path, monkeypatch):

@@ -22,6 +22,11 @@ def run(*args: str):
     return runner.invoke(app, list(args), catch_exceptions=False)
 
 
+@pytest.fixture(autouse=True)
+def _in_repo_root(monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # README.md exists there: a file, not a cache
+
+
 def test_help_lists_every_command():
     result = run("--help")
     assert result.exit_code == 0
@@ -54,6 +59,11 @@ def test_encoders_table_lists_presets_with_licence():
     (["--dataset", "synthetic", "-o", "n_tile=3"], "unknown option"),
     (["--dataset", "synthetic", "-o", "n_tiles"], "KEY=VALUE"),
     (["--dataset", "synthetic", "--weights", "/nonexistent/w.safetensors"], "not found"),
+    (["--dataset", "synthetic", "--weights", "README.md"], "not a readable weights file"),
+    (["--dataset", "synthetic", "-o", "n_tiles=abc"], "should be int"),
+    (["--dataset", "synthetic", "--device", "gpu"], "unknown device"),
+    (["--dataset", "synthetic", "--folds", "folds.csv"], "--split train|val|test"),
+    (["--dataset", "synthetic", "--out", "README.md"], "is a file"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     base = {"--encoder": "test_vit", "--weights": "random", "--out": str(tmp_path / "c")}
@@ -65,6 +75,16 @@ def test_bad_input_gives_one_line_error(tmp_path, args, message):
     assert result.exit_code == 2
     assert "error:" in result.output and message in result.output
     assert "Traceback" not in result.output
+
+
+def test_synth_into_non_empty_folder_and_info_on_incomplete_cache(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "mine.txt").write_text("keep")
+    result = run("synth", str(tmp_path / "d"), "--tiles", "2")
+    assert result.exit_code == 2 and "--overwrite" in result.output and "Traceback" not in result.output
+    (tmp_path / "c" / ".parts").mkdir(parents=True)
+    info = run("info", str(tmp_path / "c"))
+    assert info.exit_code == 2 and "incomplete cache" in info.output
 
 
 def test_synth_extract_info_verify(tmp_path):

@@ -260,7 +260,7 @@ def test_mismatched_weights_file_fails_clearly(tmp_path):
     save_file(random_init(get_spec("test_convnext"), 0).state_dict(), str(path))
     with pytest.raises(ValueError, match="missing keys.*unexpected keys"):
         build_encoder("test_vit", weights=str(path))
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         build_encoder("test_vit", weights=str(tmp_path / "absent.pt"))
 
 

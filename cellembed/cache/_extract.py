@@ -88,6 +88,9 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     device = _pick_device(config.device)
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if config.folds and config.split == "all":
+        raise ValueError("--folds only selects tiles together with --split train|val|test (with --split all every "
+                         "tile is extracted)")
     source = open_dataset(config.dataset, config.root, **config.dataset_options)
     selection = resolve_split(source, config.split, folds=config.folds, scheme=config.scheme)
     if not selection.indices:
@@ -127,6 +130,12 @@ def _rank_and_world(config: ExtractConfig) -> tuple[int, int]:
 
 
 def _pick_device(device: str) -> torch.device:
+    if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--device {device} was asked for but torch sees no GPU; use --device cpu or auto")
+        return torch.device(device)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
@@ -194,7 +203,7 @@ def _plan(n_tiles: int, shard_size: int) -> list[tuple[int, int, int]]:
 def describe_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Flatten two identity dicts and list what differs, e.g. ``["encoder.name: test_vit → test_convnext"]``."""
     diffs = []
-    for k in sorted(set(old) | set(new)):
+    for k in sorted(set(old) | set(new), key=lambda k: (isinstance(old.get(k), dict), k)):
         a, b = old.get(k), new.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             diffs += describe_difference(a, b, f"{prefix}{k}.")
@@ -221,10 +230,11 @@ def _prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
             raise CacheError(f"{out} holds a different cache ({diff}); pass --overwrite to replace it "
                              "or choose another --out")
         _clear_cache(out, rank)
+    elif out.exists() and not out.is_dir():
+        raise CacheError(f"{out} is a file, not a cache directory; choose another --out")
     elif existing is None and out.exists() and any(out.iterdir()) and not (out / PARTS).exists():
-        if not overwrite:
-            raise CacheError(f"{out} exists and is not a cellembed cache; choose another --out or pass --overwrite")
-        _clear_cache(out, rank)
+        raise CacheError(f"{out} exists, is not empty and is not a cellembed cache; choose another --out "
+                         "(--overwrite only replaces caches, never other files)")
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / PARTS / HEADER, header)
 
@@ -294,6 +304,13 @@ def _check_tile(tile, size: int) -> None:
             raise ValueError(f"tile {tile.key!r}: {name} is {getattr(tile, name).shape}, expected ({size}, {size})")
 
 
+def _ignore_sigint(_worker_id: int) -> None:
+    """Ctrl-C is handled by the main process, which then stops the workers at once (no shutdown timeouts)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _collate(items: list[dict]) -> dict:
     batch = {k: [it[k] for it in items] for k in items[0] if k != "image"}
     batch["image"] = torch.stack([it["image"] for it in items]).permute(0, 3, 1, 2).contiguous()
@@ -321,6 +338,7 @@ def _run(encoder, source, indices, todo, plan, header, out, config, device, prog
     loader = torch.utils.data.DataLoader(
         items, batch_sampler=_batches(todo, config.batch_size), num_workers=config.num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=_ignore_sigint,
         prefetch_factor=4 if config.num_workers > 0 else None)
     level_names = [lv["name"] for lv in header["levels"]]
     writer = BackgroundWriter(out, plan, header["cache_key"], level_names)

@@ -64,6 +64,9 @@ def read_json(path: Path, what: str) -> dict:
 
 def read_manifest(cache_dir: str | Path) -> dict:
     """Load ``manifest.json`` of a cache, checking its format version."""
+    if not (Path(cache_dir) / MANIFEST).is_file() and (Path(cache_dir) / PARTS).is_dir():
+        raise CacheError(f"{cache_dir}: incomplete cache (extraction interrupted, or other ranks still writing); "
+                         "rerun the same `cellembed extract` command to finish it")
     manifest = read_json(Path(cache_dir) / MANIFEST, "manifest.json")
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:

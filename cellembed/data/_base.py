@@ -149,6 +149,12 @@ def open_dataset(name: str, root: str | Path | None = None, **options: Any) -> T
             f"dataset {name!r} got unknown option(s) {', '.join(unknown)}; "
             f"valid options: {', '.join(valid) or 'none'}"
         )
+    params = inspect.signature(factory).parameters
+    for key, value in options.items():
+        default = params[key].default
+        if isinstance(default, (int, float, str)) and not isinstance(value, type(default)):
+            raise TypeError(f"dataset {name!r}: option {key}={value!r} should be {type(default).__name__} "
+                            f"(default {default!r})")
     return factory(None if root is None else Path(root), **options)
 
 

@@ -97,7 +97,7 @@ def _choose_scheme(source: TileSource, folds: str | Path | None,
         raise ValueError(f"folds={folds} given together with scheme {scheme!r}; a folds csv implies 'folds-csv'")
     csv_path = Path(folds) if folds is not None else default_csv
     if name == "folds-csv" and csv_path is None:
-        raise ValueError(f"scheme 'folds-csv' needs folds=<csv>; {source.name} ships no folds.csv")
+        raise ValueError(f"scheme 'folds-csv' needs folds=<csv> (--folds CSV); {source.name} ships no folds.csv")
     return name, arg or None, csv_path
 
 

@@ -61,8 +61,9 @@ def load_backbone(spec: EncoderSpec, weights: str, seed: int = 0) -> tuple[nn.Mo
         raise RuntimeError(f"encoder {spec.name} cannot be built: {spec.unavailable}")
     named = weights in ("hub", "random", "packaged")
     if named and weights not in spec.weight_sources:
-        raise ValueError(f"encoder {spec.name} has no {weights!r} weights; use one of "
-                         f"{list(spec.weight_sources)} or the path of a weights file")
+        names = [w for w in spec.weight_sources if w != "file"]
+        raise ValueError(f"encoder {spec.name} has no {weights!r} weights; use --weights "
+                         f"{' | '.join(names)} or the path of a weights file")
     if weights == "random":
         return random_init(spec, seed), f"random:seed={seed}"
     if weights == "packaged" or (weights == "hub" and "packaged" in spec.weight_sources):
@@ -96,11 +97,16 @@ def sha256(path: Path) -> str:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors file, or of a torch file loaded with ``weights_only=True``."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file as load_safetensors
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file as load_safetensors
 
-        return load_safetensors(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)
+            return load_safetensors(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line message
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{path}: not a readable weights file (.safetensors, or a torch state dict that loads "
+                         f"with weights_only=True): {first[:160]}") from None
     for key in ("state_dict", "model"):  # common checkpoint wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -237,7 +243,7 @@ def _translate(spec: EncoderSpec, repo: str, err: Exception) -> Exception:
                  f"local cache: {type(err).__name__}). ")
         if spec.gated:
             return GatedModelError(where + f"It is gated: {access}, then run once online.")
-        return RuntimeError(where + "Run once online, or pass weights=<path of a .safetensors/.pth file>.")
+        return RuntimeError(where + "Run once online, or pass --weights PATH (a .safetensors/.pth file).")
     if isinstance(err, hfe.HfHubHTTPError):
         return RuntimeError(f"encoder {spec.name}: hub error for {repo}: {err}")
     return err
