@@ -1,7 +1,8 @@
 """The feature cache: WebDataset shards of safetensors, a manifest with a cache key, writer, reader, verify."""
 
 from cellembed.cache._codec import Sample
-from cellembed.cache._extract import ExtractConfig, ExtractResult, describe_difference, extract
+from cellembed.cache._extract import ExtractConfig, ExtractResult, extract
+from cellembed.cache._layout import describe_difference
 from cellembed.cache._manifest import FORMAT_VERSION, CacheError, read_manifest
 from cellembed.cache._reader import Cache, open_cache
 from cellembed.cache._verify import ShardProblem, VerifyReport, verify_cache

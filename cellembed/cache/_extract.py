@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +12,12 @@ import numpy as np
 import torch
 
 from cellembed.cache._codec import encode_gt, encode_image
-from cellembed.cache._manifest import (FORMAT_VERSION, MANIFEST, PARTS, CacheError, build_manifest, cache_key,
-                                       read_json, shard_name, sidecar_path, write_json_atomic)
-from cellembed.cache._verify import file_sha256
+from cellembed.cache._layout import (existing_shard, prepare_out, remove_stale,
+                                     shard_done)
+from cellembed.cache._manifest import (FORMAT_VERSION, MANIFEST, CacheError, build_manifest, cache_key, read_json,
+                                       shard_name, sidecar_path, write_json_atomic)
 from cellembed.cache._writer import BackgroundWriter, EncodedTile
 
-HEADER = "header.json"  # inside .parts: the identity of a cache being written, before its manifest exists
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 Progress = Callable[[int, int, int], None]  # (tiles done, tiles total, bytes written)
@@ -101,12 +100,12 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     keys = [source.keys[i] for i in selection.indices]
     header = _header(config, source, selection, encoder, keys, tile_size, device)
     out = Path(config.out)
-    _prepare_out(out, header, config.overwrite, rank)
+    prepare_out(out, header, config.overwrite, rank)
     plan = _plan(len(keys), config.shard_size)
     mine = [s for s in plan if s[0] % world == rank]
-    todo = [s for s in mine if not _shard_done(out, s[0], header["cache_key"])]
+    todo = [s for s in mine if not shard_done(out, s[0], header["cache_key"])]
     n_skipped = sum(s[2] - s[1] for s in mine if s not in todo)
-    _remove_stale(out, todo)
+    remove_stale(out, todo)
     plan_out = [(shard_name(rank, i), i, stop - start) for i, start, stop in todo]
     t_loop = time.perf_counter()
     n_written = _run(encoder, source, selection.indices, todo, plan_out, header, out, config, device, progress,
@@ -200,83 +199,18 @@ def _plan(n_tiles: int, shard_size: int) -> list[tuple[int, int, int]]:
     return [(i, start, min(start + shard_size, n_tiles)) for i, start in enumerate(range(0, n_tiles, shard_size))]
 
 
-def describe_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
-    """Flatten two identity dicts and list what differs, e.g. ``["encoder.name: test_vit → test_convnext"]``."""
-    diffs = []
-    for k in sorted(set(old) | set(new), key=lambda k: (isinstance(old.get(k), dict), k)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += describe_difference(a, b, f"{prefix}{k}.")
-        elif a != b:
-            diffs.append(f"{prefix}{k}: {_short(a)} → {_short(b)}")
-    return diffs
 
 
-def _short(value) -> str:
-    text = str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
-def _prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
-    """Refuse a directory holding another cache (unless overwrite); record this cache's header."""
-    existing = None
-    for path in (out / MANIFEST, out / PARTS / HEADER):
-        if path.is_file():
-            existing = read_json(path, path.name)
-            break
-    if existing is not None and existing.get("cache_key") != header["cache_key"]:
-        if not overwrite:
-            diff = "; ".join(describe_difference(existing.get("identity", {}), header["identity"])[:4])
-            raise CacheError(f"{out} holds a different cache ({diff}); pass --overwrite to replace it "
-                             "or choose another --out")
-        _clear_cache(out, rank)
-    elif out.exists() and not out.is_dir():
-        raise CacheError(f"{out} is a file, not a cache directory; choose another --out")
-    elif existing is None and out.exists() and any(out.iterdir()) and not (out / PARTS).exists():
-        raise CacheError(f"{out} exists, is not empty and is not a cellembed cache; choose another --out "
-                         "(--overwrite only replaces caches, never other files)")
-    (out / PARTS).mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / PARTS / HEADER, header)
 
 
-def _clear_cache(out: Path, rank: int) -> None:
-    """Remove the previous cache's files (rank 0 removes the manifest; every rank may remove shards)."""
-    if rank == 0:
-        (out / MANIFEST).unlink(missing_ok=True)
-    for path in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tmp")):
-        path.unlink(missing_ok=True)
-    if (out / PARTS).exists():
-        for path in (out / PARTS).glob("shard-*.json"):
-            path.unlink(missing_ok=True)
-    if rank == 0 and not any(out.glob("shard-*")) and (out / PARTS).exists():
-        shutil.rmtree(out / PARTS, ignore_errors=True)
 
 
-def _existing_shard(out: Path, index: int) -> Path | None:
-    found = sorted(out.glob(f"shard-??-{index:06d}.tar"))
-    return found[0] if found else None
 
 
-def _shard_done(out: Path, index: int, key: str) -> bool:
-    """A shard counts as done when its file and record exist, the record carries our key, and the hash matches."""
-    path = _existing_shard(out, index)
-    if path is None:
-        return False
-    record_path = sidecar_path(out, path.name)
-    try:
-        record = read_json(record_path, "shard record")
-    except CacheError:
-        return False
-    return record.get("cache_key") == key and record.get("bytes") == path.stat().st_size \
-        and record.get("sha256") == file_sha256(path)
 
 
-def _remove_stale(out: Path, todo) -> None:
-    """Delete leftovers of shards about to be rewritten (unverified files, their records, temp files)."""
-    for index, _, _ in todo:
-        for path in list(out.glob(f"shard-??-{index:06d}.tar")) + list(out.glob(f".shard-??-{index:06d}.tar.tmp")):
-            sidecar_path(out, path.name.lstrip(".").removesuffix(".tmp")).unlink(missing_ok=True)
-            path.unlink(missing_ok=True)
 
 
 class _TileItems(torch.utils.data.Dataset):
@@ -407,7 +341,7 @@ def _finalize(out: Path, header: dict, n_shards: int, rank: int, world: int) -> 
             return read_json(out / MANIFEST, MANIFEST)
     records = []
     for i in range(n_shards):
-        path = _existing_shard(out, i)
+        path = existing_shard(out, i)
         try:
             record = read_json(sidecar_path(out, path.name), "shard record") if path is not None else None
         except CacheError:

@@ -1,0 +1,90 @@
+"""Where a cache's files are: refusing foreign directories, finding finished shards, clearing stale ones."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from cellembed.cache._manifest import MANIFEST, PARTS, CacheError, read_json, sidecar_path, write_json_atomic
+from cellembed.cache._verify import file_sha256
+
+HEADER = "header.json"  # inside .parts: the identity of a cache being written, before its manifest exists
+
+
+def describe_difference(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Flatten two identity dicts and list what differs, e.g. ``["encoder.name: test_vit → test_convnext"]``."""
+    diffs = []
+    for k in sorted(set(old) | set(new), key=lambda k: (isinstance(old.get(k), dict), k)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += describe_difference(a, b, f"{prefix}{k}.")
+        elif a != b:
+            diffs.append(f"{prefix}{k}: {_short(a)} → {_short(b)}")
+    return diffs
+
+
+def _short(value) -> str:
+    text = str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
+    """Refuse a directory holding another cache (unless overwrite); record this cache's header."""
+    existing = None
+    for path in (out / MANIFEST, out / PARTS / HEADER):
+        if path.is_file():
+            existing = read_json(path, path.name)
+            break
+    if existing is not None and existing.get("cache_key") != header["cache_key"]:
+        if not overwrite:
+            diff = "; ".join(describe_difference(existing.get("identity", {}), header["identity"])[:4])
+            raise CacheError(f"{out} holds a different cache ({diff}); pass --overwrite to replace it "
+                             "or choose another --out")
+        clear_cache(out, rank)
+    elif out.exists() and not out.is_dir():
+        raise CacheError(f"{out} is a file, not a cache directory; choose another --out")
+    elif existing is None and out.exists() and any(out.iterdir()) and not (out / PARTS).exists():
+        raise CacheError(f"{out} exists, is not empty and is not a cellembed cache; choose another --out "
+                         "(--overwrite only replaces caches, never other files)")
+    (out / PARTS).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / PARTS / HEADER, header)
+
+
+def clear_cache(out: Path, rank: int) -> None:
+    """Remove the previous cache's files (rank 0 removes the manifest; every rank may remove shards)."""
+    if rank == 0:
+        (out / MANIFEST).unlink(missing_ok=True)
+    for path in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tmp")):
+        path.unlink(missing_ok=True)
+    if (out / PARTS).exists():
+        for path in (out / PARTS).glob("shard-*.json"):
+            path.unlink(missing_ok=True)
+    if rank == 0 and not any(out.glob("shard-*")) and (out / PARTS).exists():
+        shutil.rmtree(out / PARTS, ignore_errors=True)
+
+
+def existing_shard(out: Path, index: int) -> Path | None:
+    found = sorted(out.glob(f"shard-??-{index:06d}.tar"))
+    return found[0] if found else None
+
+
+def shard_done(out: Path, index: int, key: str) -> bool:
+    """A shard counts as done when its file and record exist, the record carries our key, and the hash matches."""
+    path = existing_shard(out, index)
+    if path is None:
+        return False
+    record_path = sidecar_path(out, path.name)
+    try:
+        record = read_json(record_path, "shard record")
+    except CacheError:
+        return False
+    return record.get("cache_key") == key and record.get("bytes") == path.stat().st_size \
+        and record.get("sha256") == file_sha256(path)
+
+
+def remove_stale(out: Path, todo) -> None:
+    """Delete leftovers of shards about to be rewritten (unverified files, their records, temp files)."""
+    for index, _, _ in todo:
+        for path in list(out.glob(f"shard-??-{index:06d}.tar")) + list(out.glob(f".shard-??-{index:06d}.tar.tmp")):
+            sidecar_path(out, path.name.lstrip(".").removesuffix(".tmp")).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)
