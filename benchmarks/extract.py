@@ -4,7 +4,7 @@ The bare forward runs on tiles already decoded in memory, batched, under inferen
 no PNG/safetensors encoding, no disk. ``extract`` does all of that (DataLoader workers, background shard
 writer). The ratio extract / bare says how much of the encoder's speed the pipeline keeps.
 
-    python benchmarks/bench_extract.py [--tiles 96] [--device auto]
+    python benchmarks/extract.py [--tiles 96] [--device auto]
 """
 
 from __future__ import annotations
