@@ -216,6 +216,52 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
 
 
 @app.command()
+def score(
+    pred: Path = typer.Option(..., help="Predictions .npy: (N, H, W, 2) instance + type, or (N, H, W) instances."),
+    true: Path = typer.Option(..., help="Ground truth .npy, same layout as --pred."),
+    num_classes: Optional[int] = typer.Option(None, help="Number of nucleus classes K (CoNIC 6, PanNuke 5); "
+                                              "mPQ+ averages over all K. Default: the largest type present."),
+    tissues: Optional[Path] = typer.Option(None, help=".npy of N tissue names: adds PanNuke's bPQ / mPQ."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full metrics JSON here."),
+):
+    """Score predicted instance/type maps against ground truth (official PQ, mPQ+, PanNuke, AJI, Dice)."""
+    from cellembed.metrics import score_arrays
+
+    try:
+        arrays = [_load_npy(p) for p in (pred, true)]
+        names = None if tissues is None else [str(t) for t in _load_npy(tissues)]
+        result = score_arrays(arrays[0], arrays[1], num_classes=num_classes, tissues=names)
+    except USER_ERRORS as err:
+        _fail(err)
+    table = Table(title=f"{pred.name} vs {true.name} ({len(result['per_image'])} images)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_column("aggregation")
+    rules = {"pq_conic": "mean over all images (empty → 0)", "mpq_plus": "pooled per class, mean over classes"}
+    for key, value in result["summary"].items():
+        table.add_row(key, "-" if value is None else f"{value:.4f}", rules.get(key, "mean over images with GT"))
+    if result.get("pannuke"):
+        for key in ("bpq", "mpq"):
+            value = result["pannuke"][key]
+            table.add_row(f"pannuke {key}", "-" if value is None else f"{value:.4f}", "mean per tissue, then over tissues")
+    _stdout().print(table)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        console.print(f"[green]wrote[/] {json_out}")
+
+
+def _load_npy(path: Path):
+    import numpy as np
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as err:
+        raise ValueError(f"{path}: not a plain .npy array ({err})") from None
+
+
+@app.command()
 def encoders():
     """List encoder presets: blocks, input size, dims, licence."""
     from cellembed.encoders import list_specs

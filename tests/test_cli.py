@@ -14,7 +14,7 @@ from cellembed.cache import open_cache, read_manifest
 from cellembed.cli import app
 
 runner = CliRunner()
-COMMANDS = ["extract", "info", "verify", "encoders", "synth", "demo"]
+COMMANDS = ["extract", "info", "verify", "encoders", "synth", "demo", "score"]
 REALDATA = Path(os.environ.get("CELLEMBED_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
 
 
@@ -131,3 +131,33 @@ def test_extract_real_consep_tiles(tmp_path, encoder, weights):
     assert [s.key for s in samples] == names[:12]
     assert all(s.inst_map.max() > 0 and s.type_map.max() <= 4 for s in samples)
     assert cache.manifest["identity"]["split"]["scheme"] == "folds-csv"
+
+
+def test_score_arrays_from_npy_files(tmp_path):
+    import json
+
+    import numpy as np
+
+    from cellembed.data import open_dataset
+    from cellembed.metrics import score_arrays
+
+    tiles = list(open_dataset("synthetic", None, n_tiles=4, seed=2, size=96))
+    true = np.stack([np.stack([t.inst_map, t.type_map], -1) for t in tiles]).astype(np.int32)
+    pred = true.copy()
+    pred[1] = np.roll(pred[1], 4, axis=1)
+    np.save(tmp_path / "p.npy", pred)
+    np.save(tmp_path / "t.npy", true)
+    np.save(tmp_path / "tissues.npy", np.array(["a", "a", "b", "b"]))
+    result = run("score", "--pred", str(tmp_path / "p.npy"), "--true", str(tmp_path / "t.npy"), "--num-classes", "4",
+                 "--tissues", str(tmp_path / "tissues.npy"), "--json", str(tmp_path / "m.json"))
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "m.json").read_text())
+    expected = score_arrays(pred, true, num_classes=4, tissues=["a", "a", "b", "b"])
+    assert written["summary"] == json.loads(json.dumps(expected["summary"]))
+    assert f"{expected['summary']['pq']:.4f}" in result.output and "mpq_plus" in result.output
+    assert written["per_image"][0]["pq"] == 1.0 and written["per_image"][1]["pq"] < 1.0
+    missing = run("score", "--pred", str(tmp_path / "p.npy"), "--true", str(tmp_path / "absent.npy"))
+    assert missing.exit_code == 2 and "absent.npy not found" in missing.output
+    np.save(tmp_path / "bad.npy", pred[:2])
+    bad = run("score", "--pred", str(tmp_path / "bad.npy"), "--true", str(tmp_path / "t.npy"))
+    assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
