@@ -1,0 +1,24 @@
+"""Decoder outputs to instances (no torch): CISCA (CISCA.md §3) and HoVer-Net (METRICS.md §3.1).
+
+    >>> import numpy as np
+    >>> from cellembed.postprocess import CISCA_PRESETS, cisca_instances
+    >>> from cellembed.targets import cisca_targets
+    >>> inst = np.zeros((48, 48), np.int32); inst[8:30, 6:24] = 1; inst[8:30, 24:42] = 2
+    >>> t = cisca_targets(inst, magnification="40x")
+    >>> onehot = (np.arange(3)[:, None, None] == t.classes).astype(np.float32)
+    >>> int(cisca_instances(onehot, t.directions, None, CISCA_PRESETS["40x"])[0].max())
+    2
+
+Hot loops (labelling, size filters, seed rescue, binary morphology, the 5x5 correlations, the
+watershed in scikit-image's exact flooding order, per-instance voting) are numba kernels in
+``_kernels`` behind the wrappers of ``_ops``; ``_reference`` holds the scipy / scikit-image twins,
+and both paths return identical arrays.
+"""
+
+from ._cisca import cisca_instances
+from ._hover import hover_instances
+from ._params import CISCA_PRESETS, HOVER_PRESETS, CiscaParams, HoverParams
+from ._reference import cisca_instances_reference
+
+__all__ = ["CISCA_PRESETS", "CiscaParams", "HOVER_PRESETS", "HoverParams", "cisca_instances",
+           "cisca_instances_reference", "hover_instances"]
