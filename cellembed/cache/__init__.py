@@ -3,6 +3,7 @@
 from cellembed.cache._codec import Sample
 from cellembed.cache._extract import ExtractConfig, ExtractResult, extract
 from cellembed.cache._layout import describe_difference
+from cellembed.cache._loader import Batch, Loader, check_compatible, make_loader
 from cellembed.cache._manifest import FORMAT_VERSION, CacheError, read_manifest
 from cellembed.cache._reader import Cache, open_cache
 from cellembed.cache._verify import ShardProblem, VerifyReport, verify_cache
@@ -10,4 +11,5 @@ from cellembed.cache._verify import ShardProblem, VerifyReport, verify_cache
 __all__ = [
     "FORMAT_VERSION", "Cache", "CacheError", "ExtractConfig", "ExtractResult", "Sample", "ShardProblem",
     "VerifyReport", "describe_difference", "extract", "open_cache", "read_manifest", "verify_cache",
+    "Batch", "Loader", "check_compatible", "make_loader",
 ]

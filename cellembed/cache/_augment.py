@@ -1,0 +1,130 @@
+"""Feature-space dihedral augmentation and per-sample training targets for the cache reader.
+
+A dihedral variant ``v`` in 0..7 is ``flip = v >= 4`` (mirror the column axis) followed by ``k = v % 4``
+counter-clockwise quarter turns (``torch.rot90(x, k, dims=(-2, -1))``). It acts on the last two axes, so the
+same variant applies unchanged to a level (N, C, h, w), an image (N, 3, T, T) and a map (N, T, T). Tiles are
+square and every level of an encoder run at a square input covers the tile exactly, so transforming a
+level's grid equals transforming the image it was computed from, cell for cell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+N_DIHEDRAL = 8
+HEADS = ("cisca", "hovernet", "semantic")
+
+
+def dihedral(x: torch.Tensor, v: int) -> torch.Tensor:
+    """Variant ``v`` (0..7) of ``x`` over its last two axes (row, col); 0 is the identity."""
+    if v >= 4:
+        x = x.flip(-1)
+    return torch.rot90(x, v % 4, dims=(-2, -1)) if v % 4 else x
+
+
+def dihedral_np(a: np.ndarray, v: int) -> np.ndarray:
+    """numpy twin of :func:`dihedral` (returns a contiguous copy)."""
+    if v >= 4:
+        a = np.flip(a, -1)
+    return np.ascontiguousarray(np.rot90(a, v % 4, axes=(-2, -1)))
+
+
+def allowed_variants(grids: list[tuple[int, int]]) -> list[int]:
+    """Variants that keep every grid's shape: all 8 when every grid is square, else the 4 without a quarter turn.
+
+    A quarter turn of an (h, w) grid with h != w gives (w, h), which cannot be batched with unrotated samples.
+    """
+    if all(h == w for h, w in grids):
+        return list(range(N_DIHEDRAL))
+    return [0, 2, 4, 6]
+
+
+def dihedral_batch(x: torch.Tensor, variants: torch.Tensor) -> torch.Tensor:
+    """Apply ``variants[i]`` to ``x[i]`` for a batch (B, ..., h, w); one kernel per distinct variant.
+
+    Args:
+        x: (B, ..., h, w) any dtype, any device; h == w unless every variant keeps the shape.
+        variants: (B,) int64 on CPU.
+    """
+    if not bool(variants.any()):
+        return x
+    out = torch.empty_like(x)
+    for v in variants.unique().tolist():
+        idx = (variants == v).nonzero().flatten().to(x.device)
+        out[idx] = dihedral(x.index_select(0, idx), v)
+    return out
+
+
+def sample_targets(inst_map: np.ndarray, type_map: np.ndarray, head: str, magnification: str) -> dict[str, torch.Tensor]:
+    """The training targets of one (already augmented) sample, in compact dtypes (see :func:`finish_targets`).
+
+    Args:
+        inst_map: (T, T) int32 instance map, 0 = background.
+        type_map: (T, T) uint8 type map, 0 = background.
+        head: "cisca" | "hovernet" | "semantic".
+        magnification: "20x" | "40x" (cisca only).
+
+    Returns:
+        cisca: classes (T, T) uint8, directions (4, T, T) float32, types (T, T) uint8, weights (T, T) float32;
+        hovernet: np (T, T) uint8, hv (2, T, T) float32, nc (T, T) uint8; semantic: semantic (T, T) uint8.
+    """
+    if head == "cisca":
+        from cellembed.targets import cisca_targets
+
+        t = cisca_targets(inst_map, type_map, magnification=magnification)
+        out = {"classes": t.classes, "directions": t.directions, "types": t.types, "weights": t.weights}
+    elif head == "hovernet":
+        from cellembed.targets import hover_targets
+
+        out = hover_targets(inst_map, type_map)._asdict()
+    else:
+        out = {"semantic": type_map}
+    return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+
+
+LONG_TARGETS = ("classes", "types", "np", "nc", "semantic", "type_map")
+
+
+def finish_targets(compact: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Move stacked compact targets to ``device`` and widen class maps to int64 there (small transfers)."""
+    out = {}
+    for name, t in compact.items():
+        t = t.to(device, non_blocking=True)
+        out[name] = t.long() if name in LONG_TARGETS else t
+    return out
+
+
+def stack_targets(items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Stack per-sample target dicts into (B, ...) tensors."""
+    return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+
+class TargetMemo:
+    """Targets memoised per (sample row, variant) up to a byte budget; beyond it they are recomputed.
+
+    Computing CISCA targets costs ~18 ms per 256² tile on one core, far more than a decoder step on a GPU, so
+    RAM and GPU modes compute each (sample, variant) once. Entries live on ``device`` (GPU mode) or host.
+    """
+
+    def __init__(self, head: str, magnification: str, budget_bytes: int, device: torch.device):
+        self.head, self.magnification = head, magnification
+        self.budget, self.device, self.used = budget_bytes, device, 0
+        self.store: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+
+    def get(self, row: int, v: int, inst_map: np.ndarray, type_map: np.ndarray) -> dict[str, torch.Tensor]:
+        """Targets of sample ``row`` under variant ``v``; ``inst_map``/``type_map`` are its unaugmented maps."""
+        hit = self.store.get((row, v))
+        if hit is not None:
+            return hit
+        return self.put(row, v, sample_targets(dihedral_np(inst_map, v), dihedral_np(type_map, v), self.head,
+                                               self.magnification))
+
+    def put(self, row: int, v: int, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Keep ``targets`` (from :func:`sample_targets`) of (row, v) if the budget allows; returns them on device."""
+        size = sum(x.numel() * x.element_size() for x in targets.values())
+        targets = {k: x.to(self.device) for k, x in targets.items()}
+        if self.used + size <= self.budget:
+            self.store[(row, v)] = targets
+            self.used += size
+        return targets

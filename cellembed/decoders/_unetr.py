@@ -1,0 +1,115 @@
+"""UNETR-style multi-level decoder of "Mind the Gap" (DESIGN.md §6).
+
+Four decoder levels with (32, 64, 128, 256) channels at reductions (2, 4, 8, 16) of the tile. Each
+cached level is projected by a 1×1 conv block (conv, BatchNorm, ReLU) to its decoder level's width and
+bilinearly resized to that level's grid. From the deepest level up: ×2 upsample (2×2 transposed conv
+to the next width), concatenate the level's skip, 3×3 conv + ReLU. A last ×2 upsample reaches full
+resolution, where an optional image skip (3×3 conv + ReLU on the raw tile, as CellViT's decoder0) is
+concatenated, one 3×3 conv + ReLU at 16 channels runs, and the head's 1×1 convolutions predict the
+maps. Full-resolution work is kept to that single narrow conv (DESIGN.md §6 speed note).
+
+Mapping k cached levels onto the four decoder levels (``assign_slots``): cached levels are ranked from
+shallow to deep by (stride, block, position). With k <= 4 they fill the *deepest* k decoder levels in
+order, so the deepest cached level always feeds reduction 16 (k = 4: one each; ViT blocks (3, 6, 9, 12)
+→ reductions (2, 4, 8, 16); ConvNeXt stages at strides 4..32 → 2..16); decoder levels left without a
+cached level are plain upsampling steps (no concatenation). With k > 4, rank r goes to level
+floor(4r / k), and the projections that share a level are summed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._base import DECODERS, Decoder, image_to_float
+from ._heads import OutputConvs
+
+CHANNELS = (32, 64, 128, 256)
+REDUCTIONS = (2, 4, 8, 16)
+FULL_CHANNELS = 16
+
+
+def _stride(level: dict, tile_size: int) -> float:
+    return float(level.get("stride") or tile_size / max(level["grid"]))
+
+
+def assign_slots(levels: list[dict], tile_size: int) -> list[int]:
+    """Decoder level (0..3, i.e. reduction 2..16) fed by each cached level, in ``levels`` order.
+
+    Args:
+        levels: cached levels (need "grid"; "stride" and "block" used when present).
+        tile_size: tile side T.
+
+    Returns:
+        One slot per level; the deepest level gets 3.
+    """
+    k, n = len(levels), len(CHANNELS)
+    rank = sorted(range(k), key=lambda i: (_stride(levels[i], tile_size), levels[i].get("block", i), i))
+    slots = [0] * k
+    for r, i in enumerate(rank):
+        slots[i] = n - k + r if k <= n else r * n // k
+    return slots
+
+
+def _conv3x3_relu(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True))
+
+
+def _project(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def _fit(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize (N, C, h, w) to ``size`` unless it already has it."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+@DECODERS("unetr")
+class UnetrDecoder(Decoder):
+    """Mind the Gap's UNETR-style decoder; see the module docstring for the architecture.
+
+    Args: as ``Decoder``.
+    """
+
+    name = "unetr"
+
+    def __init__(self, levels: list[dict], tile_size: int, head: str, num_classes: int, image_skip: bool = False):
+        super().__init__(levels, tile_size, head, num_classes, image_skip)
+        self.slots = assign_slots(self.levels, self.tile_size)
+        base = math.ceil(self.tile_size / REDUCTIONS[-1])
+        # Each level's grid doubles the one below it, so the transposed convs never need a resize.
+        self.grids = [(base * 2 ** (3 - j),) * 2 for j in range(4)]
+        self.proj = nn.ModuleList(_project(lv["channels"], CHANNELS[s]) for lv, s in zip(self.levels, self.slots))
+        fed = set(self.slots)
+        self.up = nn.ModuleList(nn.ConvTranspose2d(CHANNELS[j + 1], CHANNELS[j], 2, stride=2) for j in range(3))
+        self.fuse = nn.ModuleList(_conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1), CHANNELS[j]) for j in range(3))
+        self.up_full = nn.ConvTranspose2d(CHANNELS[0], FULL_CHANNELS, 2, stride=2)
+        self.image_conv = _conv3x3_relu(3, FULL_CHANNELS) if self.image_skip else None
+        self.full = _conv3x3_relu(FULL_CHANNELS * (2 if self.image_skip else 1), FULL_CHANNELS)
+        self.out = OutputConvs(FULL_CHANNELS, self.maps)
+
+    def _skips(self, feats: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """Project and resize every cached level onto its decoder level; sum those sharing a level."""
+        skips: list[torch.Tensor | None] = [None] * len(CHANNELS)
+        for f, proj, s in zip(feats, self.proj, self.slots):
+            y = _fit(proj(f), self.grids[s])
+            skips[s] = y if skips[s] is None else skips[s] + y
+        return skips
+
+    def _decode(self, feats: list[torch.Tensor], image: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        skips = self._skips(feats)
+        x = skips[-1]
+        for j in (2, 1, 0):
+            x = self.up[j](x)
+            if skips[j] is not None:
+                x = torch.cat([x, skips[j]], dim=1)
+            x = self.fuse[j](x)
+        x = _fit(self.up_full(x), (self.tile_size, self.tile_size))
+        if self.image_conv is not None:
+            x = torch.cat([x, self.image_conv(image_to_float(image))], dim=1)
+        return self.out(self.full(x))

@@ -1,0 +1,165 @@
+"""cellembed.decoders: shapes for ViT and hierarchical level lists, parameter counts, a tiny overfit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cellembed.data import make_synthetic_tile
+from cellembed.decoders import DECODERS, HEADS, activate, assign_slots, build_decoder
+from cellembed.targets import cisca_targets
+from cellembed.train.losses import cisca_loss
+
+T = 64
+
+
+def vit_levels(k: int, channels: int = 48, grid: int = 4, tile: int = T) -> list[dict]:
+    """k ViT blocks: every level on the same grid."""
+    blocks = [round(12 * (i + 1) / k) for i in range(k)]
+    return [{"name": f"block_{b}", "block": b, "channels": channels, "grid": [grid, grid], "stride": tile / grid}
+            for b in blocks]
+
+
+def hier_levels(k: int, tile: int = T) -> list[dict]:
+    """The last k stages of a 4-stage hierarchical encoder (strides 4, 8, 16, 32)."""
+    stages = [(4, 16), (8, 24), (16, 40), (32, 64)][4 - k:]
+    return [{"name": f"stage_{i}", "block": i, "channels": c, "grid": [tile // s] * 2, "stride": float(s)}
+            for i, (s, c) in enumerate(stages)]
+
+
+def feats_for(levels: list[dict], n: int = 2, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, lv["channels"], *lv["grid"], generator=g) for lv in levels]
+
+
+def image_for(n: int = 2, tile: int = T) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, tile, tile), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("layout", ["vit", "hier"])
+@pytest.mark.parametrize("name,skip", [("unetr", False), ("unetr", True), ("light", False)])
+def test_output_shapes(name, skip, layout, k):
+    levels = vit_levels(k) if layout == "vit" else hier_levels(k)
+    dec = build_decoder(name, levels, T, "cisca", num_classes=5, image_skip=skip)
+    out = dec(feats_for(levels), image_for() if skip else None)
+    assert {k_: tuple(v.shape) for k_, v in out.items()} == {
+        "classes": (2, 3, T, T), "directions": (2, 4, T, T), "types": (2, 6, T, T)}
+    assert all(torch.isfinite(v).all() for v in out.values())
+
+
+@pytest.mark.parametrize("k", [5, 6, 8])
+def test_more_than_four_levels(k):
+    levels = vit_levels(k)
+    dec = build_decoder("unetr", levels, T, "hovernet", num_classes=3)
+    out = dec(feats_for(levels))
+    assert {k_: tuple(v.shape) for k_, v in out.items()} == {"np": (2, 2, T, T), "hv": (2, 2, T, T),
+                                                             "nc": (2, 4, T, T)}
+
+
+def test_odd_tile_size_and_heads():
+    levels = vit_levels(2, grid=7, tile=100)
+    for head, keys in [("semantic", {"semantic": 4}), ("cisca", {"classes": 3, "directions": 4})]:
+        for name in DECODERS:
+            out = build_decoder(name, levels, 100, head, num_classes=4 if head == "semantic" else 1)(feats_for(levels))
+            assert {k: tuple(v.shape) for k, v in out.items()} == {k: (2, c, 100, 100) for k, c in keys.items()}
+
+
+def test_slot_assignment():
+    assert assign_slots(vit_levels(4), T) == [0, 1, 2, 3]
+    assert assign_slots(vit_levels(2), T) == [2, 3]
+    assert assign_slots(vit_levels(1), T) == [3]
+    assert assign_slots(vit_levels(6), T) == [0, 0, 1, 2, 2, 3]
+    assert assign_slots(hier_levels(4)[::-1], T) == [3, 2, 1, 0]      # ranked by stride, not list order
+
+
+@pytest.mark.parametrize("grid,tile", [(16, 256), (14, 256), (16, 224), (14, 224)])
+@pytest.mark.parametrize("channels", [384, 768, 1024, 1280, 1536])
+def test_light_parameter_count_near_2_6m(channels, grid, tile):
+    levels = vit_levels(4, channels=channels, grid=grid, tile=tile)
+    dec = build_decoder("light", levels, tile, "cisca", num_classes=5)
+    assert dec.num_upsamples == 4
+    assert abs(dec.num_trainable_parameters() - 2.6e6) <= 0.1 * 2.6e6
+
+
+def test_light_reads_the_deepest_level_and_hierarchical_depth():
+    levels = hier_levels(4, tile=256)
+    dec = build_decoder("light", levels, 256, "semantic", num_classes=3)
+    assert dec.index == 3 and dec.num_upsamples == 5          # stride 32 → 5 × 2 upsamples
+    assert build_decoder("light", levels, 256, "semantic", 3, num_upsamples=3).num_upsamples == 3
+
+
+def test_trainable_parameter_count_and_config_round_trip():
+    levels = vit_levels(3)
+    dec = build_decoder("unetr", levels, T, "cisca", 5, image_skip=True)
+    n = dec.num_trainable_parameters()
+    assert n == sum(p.numel() for p in dec.parameters()) > 0
+    dec.out.requires_grad_(False)
+    assert dec.num_trainable_parameters() < n
+    again = build_decoder(**dec.config())
+    again.load_state_dict(dec.state_dict())
+    dec.eval(), again.eval()
+    f, im = feats_for(levels), image_for()
+    assert torch.equal(dec(f, im)["classes"], again(f, im)["classes"])
+
+
+def test_gradients_reach_every_parameter():
+    levels = hier_levels(3)
+    dec = build_decoder("unetr", levels, T, "cisca", 5, image_skip=True)
+    out = dec(feats_for(levels), image_for())
+    sum(v.square().mean() for v in out.values()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in dec.parameters())
+
+
+def test_loud_errors():
+    levels = vit_levels(2)
+    with pytest.raises(KeyError, match="light, unetr"):
+        build_decoder("segformer", levels, T, "cisca", 5)
+    with pytest.raises(KeyError, match="cisca, hovernet, semantic"):
+        build_decoder("unetr", levels, T, "mask2former", 5)
+    with pytest.raises(ValueError, match="image skip"):
+        build_decoder("light", levels, T, "cisca", 5, image_skip=True)
+    dec = build_decoder("unetr", levels, T, "cisca", 5, image_skip=True)
+    with pytest.raises(ValueError, match="image_skip"):
+        dec(feats_for(levels))
+    with pytest.raises(ValueError, match="expected"):
+        dec([torch.randn(2, 7, 4, 4)] * 2, image_for())
+    with pytest.raises(ValueError, match="2 levels got 1"):
+        dec(feats_for(levels)[:1], image_for())
+    with pytest.raises(ValueError, match="NCHW"):
+        dec(feats_for(levels), image_for().permute(0, 2, 3, 1))
+
+
+def test_activate():
+    raw = {"classes": torch.randn(1, 3, 4, 4), "directions": torch.randn(1, 4, 4, 4)}
+    act = activate("cisca", raw)
+    assert torch.allclose(act["classes"].sum(1), torch.ones(1, 4, 4))
+    assert act["directions"] is raw["directions"]
+    assert "cisca" in HEADS
+
+
+def cisca_batch(tile: int = T) -> dict[str, torch.Tensor]:
+    t = make_synthetic_tile(3, 0, size=tile, n_types=3)
+    tg = cisca_targets(t.inst_map, t.type_map, magnification="40x")
+    image = torch.from_numpy(t.image).permute(2, 0, 1)[None].contiguous()
+    return {"classes": torch.from_numpy(tg.classes)[None].long(), "directions": torch.from_numpy(tg.directions)[None],
+            "types": torch.from_numpy(tg.types)[None].long(), "weights": torch.from_numpy(tg.weights)[None],
+            "image": image}
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_overfits_one_synthetic_tile(skip):
+    torch.manual_seed(0)
+    batch = cisca_batch()
+    levels = vit_levels(4, channels=32)
+    dec = build_decoder("unetr", levels, T, "cisca", num_classes=3, image_skip=skip)
+    feats = feats_for(levels, n=1)
+    opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss, _ = cisca_loss(dec(feats, batch["image"] if skip else None), batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
