@@ -7,7 +7,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -51,7 +50,14 @@ def _fail(err: BaseException) -> None:
 
 
 def _progress_bar():
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -83,22 +89,22 @@ def _parse_options(pairs: list[str]) -> dict:
     return options
 
 
-# CLI option name → ExtractConfig field, where they differ.
-_EXTRACT_FIELDS = {"workers": "num_workers", "option": "dataset_options"}
+# CLI option name → ExtractConfig / FitConfig field, where they differ.
+_CLI_FIELDS = {"workers": "num_workers", "option": "dataset_options"}
 
 
 @app.command()
 def extract(
     ctx: typer.Context,
-    config: Optional[Path] = typer.Option(None, help="YAML file with any of these options (field names of "
+    config: Path | None = typer.Option(None, help="YAML file with any of these options (field names of "
                                           "cellembed.cache.ExtractConfig); options given here win."),
-    dataset: Optional[str] = typer.Option(None, help="pannuke | conic | cytodark0 | folder | synthetic [required]"),
-    out: Optional[Path] = typer.Option(None, help="Cache directory to write. [required]"),
-    encoder: Optional[str] = typer.Option(None, help="Encoder preset (see `cellembed encoders`). [required]"),
-    root: Optional[Path] = typer.Option(None, help="Dataset root (not needed for synthetic)."),
+    dataset: str | None = typer.Option(None, help="pannuke | conic | cytodark0 | folder | synthetic [required]"),
+    out: Path | None = typer.Option(None, help="Cache directory to write. [required]"),
+    encoder: str | None = typer.Option(None, help="Encoder preset (see `cellembed encoders`). [required]"),
+    root: Path | None = typer.Option(None, help="Dataset root (not needed for synthetic)."),
     split: str = typer.Option("all", help="all | train | val | test"),
-    folds: Optional[Path] = typer.Option(None, help="A folds.csv (img_id,fold with 0/1/2 = train/val/test)."),
-    scheme: Optional[str] = typer.Option(None, help="Split scheme: pannuke-official[:T,V,E] | cisca | folds-csv | all."),
+    folds: Path | None = typer.Option(None, help="A folds.csv (img_id,fold with 0/1/2 = train/val/test)."),
+    scheme: str | None = typer.Option(None, help="Split scheme: pannuke-official[:T,V,E] | cisca | folds-csv | all."),
     blocks: str = typer.Option("default", help="shallow | deep | mixed | stages | default | explicit list like 2,5,10,20"),
     weights: str = typer.Option("hub", help="hub | random | packaged | PATH to a weights file"),
     input_policy: str = typer.Option("resize", help="resize (to the encoder's native size) | native-grid"),
@@ -111,15 +117,15 @@ def extract(
                                      "(synthetic: n_tiles, seed, size; cytodark0: magnification, size; folder: "
                                      "group_regex, e.g. '(.+)_\\d+$' to group tiles by source image)."),
     overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
-    rank: Optional[int] = typer.Option(None, help="This process's rank (default: $RANK or 0)."),
-    world_size: Optional[int] = typer.Option(None, help="Number of processes (default: $WORLD_SIZE or 1)."),
+    rank: int | None = typer.Option(None, help="This process's rank (default: $RANK or 0)."),
+    world_size: int | None = typer.Option(None, help="Number of processes (default: $WORLD_SIZE or 1)."),
 ):
     """Run a frozen encoder once over every tile and write a WebDataset feature cache."""
     from cellembed.cache import CacheError, ExtractConfig
     from cellembed.cache import extract as run_extract
 
     try:
-        cfg = _extract_config(ctx, config, ExtractConfig)
+        cfg = _merge_config(ctx, config, ExtractConfig, _CLI_FIELDS)
     except USER_ERRORS as err:
         _fail(err)
     try:
@@ -137,8 +143,8 @@ def extract(
         console.print("[yellow]manifest pending:[/] other ranks are still writing; the last to finish writes it")
 
 
-def _extract_config(ctx: typer.Context, path: Optional[Path], cls):
-    """Merge a YAML config with the options given on the command line (those win) into an ExtractConfig."""
+def _merge_config(ctx: typer.Context, path: Path | None, cls, fields: dict):
+    """Merge a YAML config with the options given on the command line (those win) into a config dataclass."""
     from cellembed._config import from_dict, load_yaml
 
     data = load_yaml(path) if path else {}
@@ -152,8 +158,92 @@ def _extract_config(ctx: typer.Context, path: Optional[Path], cls):
         elif isinstance(value, Path):
             value = str(value)
         if value is not None or explicit:
-            data[_EXTRACT_FIELDS.get(name, name)] = value
+            data[fields.get(name, name)] = value
     return from_dict(cls, data, str(path) if path else "command line")
+
+
+@app.command("fit-decoder")
+def fit_decoder(
+    ctx: typer.Context,
+    cache: Path | None = typer.Argument(None, help="Training cache (from `cellembed extract`); not with --source live."),
+    out: Path | None = typer.Option(None, help="Run directory: model.safetensors (best), config.json, "
+                                       "metrics.jsonl, curves.png, last.* (resume state). [required]"),
+    val_cache: Path | None = typer.Option(None, help="Validation cache from the same encoder and blocks: "
+                                             "losses, PQ and mPQ+ every epoch."),
+    config: Path | None = typer.Option(None, help="YAML file with any of these options (field names of "
+                                          "cellembed.train.FitConfig); options given here win."),
+    decoder: str = typer.Option("unetr", help="unetr (Mind the Gap) | light (FM benchmark, ~2.6 M parameters)"),
+    head: str = typer.Option("cisca", help="cisca | hovernet | semantic"),
+    loss: str = typer.Option("mindthegap", help="mindthegap | cisca (CISCA's exact weighting)"),
+    epochs: int = typer.Option(100, min=1),
+    batch_size: int = typer.Option(16, min=1),
+    lr: float = typer.Option(1e-4, help="OneCycle peak learning rate (30% warm-up, down to 1e-6)."),
+    memory: str = typer.Option("auto", help="stream | ram | gpu | auto (gpu if it fits, else ram, else stream)"),
+    augment: str = typer.Option("none", help="cache: none | dihedral (flip/rot90 of every level and the GT); "
+                                "live: full image-space augmentation unless none"),
+    oversample: str = typer.Option("none", help="none | cisca-pannuke | cisca-conic (CISCA's rare-class "
+                                   "oversampling of the training list)"),
+    magnification: str = typer.Option("40x", help="20x | 40x: CISCA target footprints and post-processing"),
+    postprocess: str | None = typer.Option(None, help="Post-processing preset (cisca: 40x, 20x, pannuke, conic, "
+                                              "monuseg, cytodark0_40x, cytodark0_20x). Default: the dataset's."),
+    levels: str | None = typer.Option(None, help="Subset of cached levels, e.g. block_17,block_23."),
+    image_skip: bool = typer.Option(False, help="unetr: add a skip from the raw image kept in the cache."),
+    best_metric: str = typer.Option("pq", help="Validation value that picks model.safetensors: pq | mpq_plus | "
+                                    "aji | loss ... (lower is better for losses)."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(2, min=0, help="Loader worker processes."),
+    overwrite: bool = typer.Option(False, help="Replace another run in --out."),
+    source: str = typer.Option("cache", help="cache | live (the encoder runs in the loop; needs --dataset, "
+                               "--encoder)"),
+    dataset: str | None = typer.Option(None, help="live: pannuke | conic | cytodark0 | folder | synthetic"),
+    root: Path | None = typer.Option(None, help="live: dataset root."),
+    split: str = typer.Option("train", help="live: the training split."),
+    folds: Path | None = typer.Option(None, help="live: a folds.csv."),
+    encoder: str | None = typer.Option(None, help="live: encoder preset."),
+    blocks: str = typer.Option("default", help="live: block preset or list."),
+    weights: str = typer.Option("hub", help="live: hub | random | packaged | PATH"),
+    input_policy: str = typer.Option("resize", help="live: resize | native-grid"),
+    dtype: str = typer.Option("fp16", help="live: feature dtype, as the cache would store it"),
+    option: list[str] = typer.Option([], "--option", "-o", help="live: dataset option KEY=VALUE, repeatable."),
+):
+    """Train a decoder from a feature cache at the speed of the decoder (resumes an interrupted run)."""
+    from cellembed.cache import CacheError
+    from cellembed.train import FitConfig
+    from cellembed.train import fit_decoder as run_fit
+
+    try:
+        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS)
+    except USER_ERRORS as err:
+        _fail(err)
+    try:
+        with _progress_bar() as bar:
+            task = bar.add_task("fit", total=None, rate="")
+            state = {"t0": time.perf_counter(), "n": 0, "epoch": ""}
+
+            def on_step(size):
+                state["n"] += size
+                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
+                bar.update(task, advance=1, rate=f"{rate:6.1f} tiles/s  {state['epoch']}")
+
+            def on_epoch(epoch, total, metrics):
+                shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                  if k in ("train_loss", "val_loss", "val_pq", "val_mpq_plus") and v is not None)
+                state["epoch"] = f"epoch {epoch}/{total}  {shown}"
+                bar.update(task, description="fit", rate=state["epoch"])
+
+            result = run_fit(cfg, on_epoch=on_epoch, on_step=on_step)
+    except (CacheError, FloatingPointError, *USER_ERRORS) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished epochs are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+    best = result.best or {}
+    value = best.get("value")
+    console.print(f"[green]run[/] {result.run_dir}  decoder parameters {result.n_params:,}  epochs run now "
+                  f"{result.epochs_run}  best {best.get('metric')} "
+                  f"{'-' if value is None else format(value, '.4f')} at epoch {best.get('epoch')}  "
+                  f"({result.seconds:.1f} s)")
 
 
 @app.command()
@@ -217,14 +307,48 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
 
 @app.command()
 def score(
-    pred: Path = typer.Option(..., help="Predictions .npy: (N, H, W, 2) instance + type, or (N, H, W) instances."),
-    true: Path = typer.Option(..., help="Ground truth .npy, same layout as --pred."),
-    num_classes: Optional[int] = typer.Option(None, help="Number of nucleus classes K (CoNIC 6, PanNuke 5); "
-                                              "mPQ+ averages over all K. Default: the largest type present."),
-    tissues: Optional[Path] = typer.Option(None, help=".npy of N tissue names: adds PanNuke's bPQ / mPQ."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the full metrics JSON here."),
+    run: Path | None = typer.Argument(None, help="A run from `cellembed fit-decoder` (with --cache)."),
+    cache: Path | None = typer.Option(None, help="Test cache of the run's encoder: predict, post-process, score."),
+    out: Path | None = typer.Option(None, help="With RUN: output folder (default RUN/score-<cache name>)."),
+    pred: Path | None = typer.Option(None, help="Predictions .npy: (N, H, W, 2) instance + type, or (N, H, W) "
+                                        "instances."),
+    true: Path | None = typer.Option(None, help="Ground truth .npy, same layout as --pred."),
+    num_classes: int | None = typer.Option(None, help="With --pred: number of nucleus classes K (CoNIC 6, "
+                                              "PanNuke 5); mPQ+ averages over all K. Default: the largest type present."),
+    tissues: Path | None = typer.Option(None, help="With --pred: .npy of N tissue names: adds PanNuke's bPQ / mPQ."),
+    json_out: Path | None = typer.Option(None, "--json", help="With --pred: write the full metrics JSON here."),
+    device: str = typer.Option("auto", help="With RUN: auto | cpu | cuda"),
+    batch_size: int = typer.Option(16, min=1, help="With RUN: decoder batch size."),
+    workers: int = typer.Option(2, min=0, help="With RUN: cache reader worker processes."),
 ):
-    """Score predicted instance/type maps against ground truth (official PQ, mPQ+, PanNuke, AJI, Dice)."""
+    """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI."""
+    from cellembed.cache import CacheError
+
+    if run is not None:
+        if cache is None or pred is not None or true is not None:
+            _fail(ValueError("give RUN with --cache TEST_CACHE, or --pred P.npy --true T.npy without RUN"))
+        try:
+            with _progress_bar() as bar:
+                task = bar.add_task("score", total=None, rate="")
+                t0 = time.perf_counter()
+                counter = {"n": 0}
+
+                def progress(n):
+                    counter["n"] += n
+                    bar.update(task, advance=n, rate=f"{counter['n'] / max(time.perf_counter() - t0, 1e-9):6.1f} tiles/s")
+
+                from cellembed.evaluate import score_run
+
+                result = score_run(run, cache, out, device=device, batch_size=batch_size, num_workers=workers,
+                                   on_progress=progress)
+        except (CacheError, *USER_ERRORS) as err:
+            _fail(err)
+        _print_scores(result.metrics, f"{run.name} on {cache.name} ({result.metrics['protocol']['n_images']} images)")
+        console.print(f"[green]wrote[/] {result.out}: predictions.npy, keys.txt, metrics.json, table.md, overlays "
+                      f"({result.seconds:.1f} s)")
+        return
+    if pred is None or true is None or cache is not None:
+        _fail(ValueError("give --pred P.npy --true T.npy, or RUN --cache TEST_CACHE"))
     from cellembed.metrics import score_arrays
 
     try:
@@ -233,7 +357,14 @@ def score(
         result = score_arrays(arrays[0], arrays[1], num_classes=num_classes, tissues=names)
     except USER_ERRORS as err:
         _fail(err)
-    table = Table(title=f"{pred.name} vs {true.name} ({len(result['per_image'])} images)")
+    _print_scores(result, f"{pred.name} vs {true.name} ({len(result['per_image'])} images)")
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+        console.print(f"[green]wrote[/] {json_out}")
+
+
+def _print_scores(result: dict, title: str) -> None:
+    table = Table(title=title)
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("aggregation")
@@ -244,10 +375,43 @@ def score(
         for key in ("bpq", "mpq"):
             value = result["pannuke"][key]
             table.add_row(f"pannuke {key}", "-" if value is None else f"{value:.4f}", "mean per tissue, then over tissues")
+    if result.get("run"):
+        table.add_row("decoder params", f"{result['run']['decoder_parameters']:,}", "trainable")
     _stdout().print(table)
-    if json_out is not None:
-        json_out.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-        console.print(f"[green]wrote[/] {json_out}")
+
+
+@app.command()
+def tune(
+    run: Path = typer.Argument(..., help="A run from `cellembed fit-decoder`."),
+    cache: Path = typer.Option(..., help="Validation cache of the run's encoder."),
+    metric: str = typer.Option("pq", help="Summary metric to maximise: pq | mpq_plus | aji | ..."),
+    areas: str | None = typer.Option(None, help="Candidate minimum areas, e.g. 0,20,40,80 (default: the "
+                                        "preset's area x 0..2)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    batch_size: int = typer.Option(16, min=1),
+    workers: int = typer.Option(2, min=0),
+):
+    """Pick the run's minimum instance area on a validation cache (saved with the run, used by `score`)."""
+    from cellembed.cache import CacheError
+    from cellembed.evaluate import tune_run
+
+    try:
+        candidates = [int(a) for a in areas.split(",")] if areas else None
+        with _progress_bar() as bar:
+            task = bar.add_task("tune", total=None, rate="")
+            result = tune_run(run, cache, metric=metric, areas=candidates, device=device, batch_size=batch_size,
+                              num_workers=workers, on_progress=lambda n: bar.update(task, advance=n))
+    except (CacheError, *USER_ERRORS) as err:
+        _fail(err)
+    table = Table(title=f"minimum area on {cache.name} (by {metric})")
+    for col in ("min_area", "pq", "mpq_plus", "aji"):
+        table.add_column(col, justify="right")
+    for row in result["table"]:
+        mark = " *" if row["min_area"] == result["min_area"] else ""
+        table.add_row(f"{row['min_area']}{mark}", *("-" if row[k] is None else f"{row[k]:.4f}"
+                                                     for k in ("pq", "mpq_plus", "aji")))
+    _stdout().print(table)
+    console.print(f"[green]saved[/] min_area {result['min_area']} to {run / 'config.json'}")
 
 
 def _load_npy(path: Path):

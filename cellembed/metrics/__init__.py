@@ -6,7 +6,8 @@ documents every output key and aggregation rule. No torch here.
 """
 
 from cellembed.metrics._image import ImageCounts
-from cellembed.metrics._score import image_counts, score_arrays
+from cellembed.metrics._score import image_counts, score_arrays, score_counts
 from cellembed.metrics._table import Overlap, compact_labels, overlap
 
-__all__ = ["ImageCounts", "Overlap", "compact_labels", "image_counts", "overlap", "score_arrays"]
+__all__ = ["ImageCounts", "Overlap", "compact_labels", "image_counts", "overlap", "score_arrays",
+           "score_counts"]

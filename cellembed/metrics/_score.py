@@ -100,7 +100,23 @@ def score_arrays(pred: np.ndarray, true: np.ndarray, num_classes: int | None = N
     if tissues is not None and len(tissues) != pred.shape[0]:
         raise ValueError(f"tissues has {len(tissues)} entries for {pred.shape[0]} images")
     counts = [image_counts_unchecked(pred[i], true[i], k) for i in range(pred.shape[0])]
+    return score_counts(counts, k, tissues)
+
+
+def score_counts(counts: Sequence[ImageCounts], num_classes: int | None = None,
+                 tissues: Sequence[str] | None = None) -> dict:
+    """The :func:`score_arrays` JSON from per-image :func:`image_counts` (for scoring image by image).
+
+    Args:
+        counts: one ``ImageCounts`` per image, all made with the same ``num_classes``.
+        num_classes: the K they were made with (None for instance-only counts).
+        tissues: (N,) tissue name per image; enables the PanNuke block.
+    """
+    if not counts:
+        raise ValueError("need at least one image")
+    if tissues is not None and len(tissues) != len(counts):
+        raise ValueError(f"tissues has {len(tissues)} entries for {len(counts)} images")
     images = [image_values(c) for c in counts]
-    per_class = class_table(counts, k or 0)
+    per_class = class_table(counts, num_classes or 0)
     return {"per_image": images, "per_class": per_class, "summary": summary(images, per_class),
-            "pannuke": None if tissues is None else pannuke(counts, tissues, k or 0)}
+            "pannuke": None if tissues is None else pannuke(counts, tissues, num_classes or 0)}

@@ -1,0 +1,51 @@
+"""Checkpoints without pickle: tensors in safetensors, everything else in JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from cellembed.cache._manifest import write_json_atomic
+
+
+def save_model(model: torch.nn.Module, path: Path, metadata: dict | None = None) -> None:
+    """Write a model's state dict to ``path`` (safetensors) atomically."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp), metadata={k: json.dumps(v) for k, v in (metadata or {}).items()})
+    os.replace(tmp, path)
+
+
+def save_state(run_dir: Path, model, optimizer, scheduler, epoch: int, history: list[dict], best: dict | None) -> None:
+    """The resumable state after ``epoch``: model + optimizer tensors, scheduler and RNG as JSON."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, state in opt["state"].items():
+        for name, value in state.items():
+            tensors[f"optim.{pid}.{name}"] = value.detach().reshape(value.shape).contiguous().cpu()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tmp = run_dir / ".last.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, run_dir / "last.safetensors")
+    write_json_atomic(run_dir / "last.json", {"epoch": epoch, "param_groups": opt["param_groups"],
+                                              "scheduler": scheduler.state_dict(), "history": history, "best": best})
+
+
+def load_state(run_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict], dict | None]:
+    """Restore what :func:`save_state` wrote; returns (last finished epoch, history, best)."""
+    meta = json.loads((run_dir / "last.json").read_text())
+    tensors = load_file(str(run_dir / "last.safetensors"))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    scheduler.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(tensors["rng.torch"])
+    return meta["epoch"], meta["history"], meta["best"]

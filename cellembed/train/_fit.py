@@ -1,0 +1,403 @@
+"""Stage two: train a decoder on a feature cache (or live), validate every epoch, keep the best, resume.
+
+A run directory holds::
+
+    config.json        what was trained on and how (fit config, encoder identity, levels, classes,
+                       post-processing); ``cellembed score`` rebuilds the decoder from it
+    model.safetensors  the best weights by ``best_metric`` (metadata: epoch and value)
+    last.safetensors   resumable state after the last finished epoch (model, optimizer moments, RNG)
+    last.json          the rest of that state (epoch, optimizer groups, scheduler, history, best)
+    metrics.jsonl      one line per finished epoch
+    curves.png         losses and validation PQ per epoch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from cellembed.cache._manifest import write_json_atomic
+from cellembed.evaluate._predict import (
+    INSTANCE_HEADS,
+    Postprocess,
+    batch_instances,
+    decoder_maps,
+    default_postprocess,
+    semantic_counts,
+    semantic_summary,
+    true_maps,
+)
+from cellembed.train._checkpoint import load_state, save_model, save_state
+
+SOURCES = ("cache", "live")
+LOSSES = ("mindthegap", "cisca")
+RUN_FILES = ("last.json", "last.safetensors", "metrics.jsonl", "model.safetensors", "curves.png")
+# the config fields that may change when an interrupted run is resumed
+RESUME_FREE = ("overwrite", "num_workers", "device", "memory", "val_cache")
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything ``cellembed fit-decoder`` needs; recorded in ``<out>/config.json``.
+
+    ``cache`` is the training cache for ``source="cache"``; with ``source="live"`` the encoder runs in the
+    loop on ``dataset``/``root`` (``encoder``, ``blocks``, ``weights``, ``input_policy``, ``dtype`` as for
+    ``cellembed extract``) with image-space augmentation (``augment="full"``).
+    """
+
+    out: str
+    cache: str | None = None
+    val_cache: str | None = None
+    source: str = "cache"
+    decoder: str = "unetr"
+    head: str = "cisca"
+    loss: str = "mindthegap"
+    epochs: int = 100
+    batch_size: int = 16
+    lr: float = 1e-4
+    final_lr: float = 1e-6
+    warmup: float = 0.3
+    weight_decay: float = 0.01
+    memory: str = "auto"
+    augment: str = "none"
+    oversample: str = "none"
+    magnification: str = "40x"
+    postprocess: str | None = None
+    image_skip: bool = False
+    levels: str | None = None
+    best_metric: str = "pq"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 2
+    overwrite: bool = False
+    # live source only
+    dataset: str | None = None
+    root: str | None = None
+    split: str = "train"
+    folds: str | None = None
+    encoder: str | None = None
+    blocks: str = "default"
+    weights: str = "hub"
+    input_policy: str = "resize"
+    dtype: str = "fp16"
+    dataset_options: dict = field(default_factory=dict)
+
+
+class FitResult(NamedTuple):
+    """How a run went: directory, epochs run now, best checkpoint, per-epoch history, size, time."""
+
+    run_dir: Path
+    epochs_run: int
+    best: dict | None
+    history: list[dict]
+    n_params: int
+    seconds: float
+
+
+EpochCallback = Callable[[int, int, dict], None]  # (epoch, epochs, metrics)
+StepCallback = Callable[[int], None]  # (samples in the finished step)
+
+
+def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
+                on_step: StepCallback | None = None) -> FitResult:
+    """Train a decoder; resumes from ``<out>/last.*`` when an interrupted run with the same config is there.
+
+    Args:
+        config: the run's settings.
+        on_epoch: called after every finished (and saved) epoch with (epoch, epochs, metrics).
+        on_step: called after every optimizer step with the number of samples in it.
+
+    Raises:
+        CacheError: a cache that is incomplete, corrupt, or does not match the run.
+        ValueError: invalid settings, or ``out`` holds another run and ``overwrite`` is not set.
+    """
+    from cellembed.decoders import build_decoder
+
+    t0 = time.perf_counter()
+    _check_config(config)
+    device = _device(config.device)
+    train, source = _train_source(config, device)
+    # nucleus heads predict classes 1..C beside background; the semantic head predicts every class name
+    num_classes = len(source["class_names"]) - (0 if config.head == "semantic" else 1)
+    torch.manual_seed(config.seed)
+    model = build_decoder(config.decoder, source["levels"], source["tile_size"], config.head, num_classes,
+                          image_skip=config.image_skip).to(device)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    post = (Postprocess(config.head, config.postprocess) if config.postprocess
+            else default_postprocess(config.head, {"identity": source["identity"]}, config.magnification))
+    val = _val_loader(config, source, device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = _one_cycle(optimizer, config, len(train))
+    run_dir = _prepare_run(config, source, model, n_params, post)
+    start, history, best = 0, [], None
+    if (run_dir / "last.json").is_file():
+        start, history, best = load_state(run_dir, model, optimizer, scheduler)
+    loss_fn = make_loss(config.head, config.loss)
+    for epoch in range(start, config.epochs):
+        train.set_epoch(epoch)
+        t_epoch = time.perf_counter()
+        metrics = {"epoch": epoch + 1, **_train_epoch(model, train, optimizer, scheduler, loss_fn, device, on_step)}
+        metrics["train_seconds"] = time.perf_counter() - t_epoch
+        if val is not None:
+            metrics.update(validate(model, val, device, post, num_classes, loss_fn))
+        history.append(metrics)
+        best = _keep_best(run_dir, model, config.best_metric, metrics, best)
+        with open(run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        save_state(run_dir, model, optimizer, scheduler, epoch + 1, history, best)
+        if on_epoch:
+            on_epoch(epoch + 1, config.epochs, metrics)
+    if history:
+        _plot_curves(run_dir, history)
+    return FitResult(run_dir, config.epochs - start, best, history, n_params, time.perf_counter() - t0)
+
+
+def _check_config(c: FitConfig) -> None:
+    from cellembed.decoders import DECODERS, HEADS
+
+    checks = (("source", c.source, SOURCES), ("loss", c.loss, LOSSES), ("decoder", c.decoder, tuple(DECODERS)),
+              ("head", c.head, tuple(HEADS)), ("magnification", c.magnification, ("20x", "40x")))
+    for name, value, valid in checks:
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0 or not 0 < c.warmup < 1:
+        raise ValueError("epochs and batch size must be >= 1, lr > 0 and warmup in (0, 1)")
+    if c.source == "cache" and not c.cache:
+        raise ValueError("a training cache is needed (`cellembed fit-decoder CACHE ...`), or use --source live")
+    if c.source == "live" and not (c.dataset and c.encoder):
+        raise ValueError("--source live needs --dataset (and --root) and --encoder")
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {name} was asked for but torch sees no GPU; use --device cpu or auto")
+    if name.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; valid: auto, cpu, cuda, cuda:N")
+    return torch.device(name)
+
+
+def _level_names(levels: str | None) -> list[str] | None:
+    return [n.strip() for n in levels.split(",") if n.strip()] if levels else None
+
+
+def _train_source(c: FitConfig, device: torch.device):
+    """The training loader and what the decoder and the run record need to know about its features."""
+    if c.source == "live":
+        from cellembed.train._live import make_live_loader
+
+        loader = make_live_loader(
+            c.dataset, c.root, c.encoder, split=c.split, folds=c.folds, blocks=c.blocks, weights=c.weights,
+            input_policy=c.input_policy, dtype=c.dtype, dataset_options=dict(c.dataset_options),
+            batch_size=c.batch_size, augment="full" if c.augment == "none" else c.augment, head=c.head,
+            magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers, device=device)
+        wanted = _level_names(c.levels)
+        levels = [lv for lv in loader.levels if wanted is None or lv["name"] in wanted]
+        if wanted and len(levels) != len(wanted):
+            raise ValueError(f"levels {wanted} are not all produced by {c.encoder}; it gives "
+                             f"{[lv['name'] for lv in loader.levels]}")
+        return loader, {"kind": "live", "levels": levels, "tile_size": loader.tile_size, "cache_key": None,
+                        "class_names": list(loader.class_names), "identity": loader.identity}
+    from cellembed.cache import make_loader, open_cache
+
+    cache = open_cache(c.cache)
+    loader = make_loader(cache, batch_size=c.batch_size, memory=c.memory, augment=c.augment, head=c.head,
+                         magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers,
+                         device=device, levels=_level_names(c.levels), **_oversample(c))
+    levels = [lv for lv in cache.manifest["levels"] if lv["name"] in loader.level_names]
+    return loader, {"kind": "cache", "levels": levels, "tile_size": cache.manifest["tile_size"],
+                    "cache_key": cache.cache_key, "class_names": cache.manifest["class_names"],
+                    "identity": cache.manifest["identity"]}
+
+
+def _oversample(c: FitConfig) -> dict:
+    return {} if c.oversample == "none" else {"oversample": c.oversample}
+
+
+def _val_loader(c: FitConfig, source: dict, device: torch.device):
+    if not c.val_cache:
+        return None
+    from cellembed.cache import make_loader, open_cache
+
+    cache = open_cache(c.val_cache)
+    check_run_cache(cache, source, "validation cache")
+    return make_loader(cache, batch_size=c.batch_size, memory=c.memory, augment="none", head=c.head,
+                       magnification=c.magnification, shuffle=False, seed=c.seed, num_workers=c.num_workers,
+                       device=device, levels=[lv["name"] for lv in source["levels"]])
+
+
+def check_run_cache(cache, run: dict, role: str) -> None:
+    """Refuse a cache whose encoder (weights, blocks, input), levels or classes differ from the run's."""
+    from cellembed.cache import CacheError, check_compatible
+
+    try:
+        check_compatible(cache, {"encoder": run["identity"]["encoder"], "class_names": run["class_names"],
+                                 "tile_size": run["tile_size"], "levels": [lv["name"] for lv in run["levels"]]})
+    except CacheError as err:
+        raise CacheError(f"{role} {err}") from None
+
+
+def _one_cycle(optimizer, config: FitConfig, steps_per_epoch: int):
+    """OneCycleLR: from lr/25 up to ``lr`` over the first ``warmup`` fraction, cosine down to ``final_lr``."""
+    start = config.lr / 25.0
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.lr, total_steps=max(1, config.epochs * steps_per_epoch), pct_start=config.warmup,
+        div_factor=25.0, final_div_factor=start / config.final_lr, anneal_strategy="cos")
+
+
+def make_loss(head: str, mode: str = "mindthegap"):
+    """``(outputs, targets) -> (loss, terms)`` for a head."""
+    from cellembed.train import losses
+
+    if head == "cisca":
+        return lambda out, tgt: losses.cisca_loss(out, tgt, mode=mode)
+    return {"hovernet": losses.hovernet_loss, "semantic": losses.semantic_loss}[head]
+
+
+def _record(config: FitConfig, source: dict, n_params: int, post: Postprocess, num_classes: int) -> dict:
+    return {"config": {k: v for k, v in dataclasses.asdict(config).items() if k != "overwrite"},
+            "source": source["kind"], "cache_key": source["cache_key"], "identity": source["identity"],
+            "levels": source["levels"], "class_names": source["class_names"], "tile_size": source["tile_size"],
+            "decoder": {"name": config.decoder, "head": config.head, "num_classes": num_classes,
+                        "image_skip": config.image_skip, "trainable_parameters": n_params},
+            "postprocess": post.to_dict()}
+
+
+def _same_run(old: dict, new: dict) -> bool:
+    strip = lambda r: {**r, "config": {k: v for k, v in r["config"].items() if k not in RESUME_FREE},
+                       "postprocess": None}
+    return strip(old) == strip(json.loads(json.dumps(new)))
+
+
+def _prepare_run(config: FitConfig, source: dict, model, n_params: int, post: Postprocess) -> Path:
+    """Create ``out``; a different run already there is refused unless ``overwrite``."""
+    run_dir = Path(config.out)
+    record = _record(config, source, n_params, post, model.num_classes)
+    path = run_dir / "config.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old is None or not _same_run(old, record):
+            if not config.overwrite:
+                raise ValueError(f"{run_dir} holds a run with another config or cache; pass --overwrite to "
+                                 "replace it, or choose another --out")
+            for name in RUN_FILES:
+                (run_dir / name).unlink(missing_ok=True)
+        else:
+            record["postprocess"] = old.get("postprocess", record["postprocess"])  # keep a tuned min area
+    elif run_dir.exists() and any(run_dir.iterdir()) and not config.overwrite:
+        raise ValueError(f"{run_dir} exists and is not a cellembed run; choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, record)
+    return run_dir
+
+
+def _step(model, batch, loss_fn, device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        outputs = model(batch.feats, batch.image if model.image_skip else None)
+    outputs = {k: v.float() for k, v in outputs.items()}
+    return loss_fn(outputs, batch.targets)
+
+
+def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, on_step) -> dict:
+    model.train()
+    total, n, lr = 0.0, 0, None
+    for batch in loader:
+        loss, _ = _step(model, batch, loss_fn, device)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {float(loss)} at sample {n}; lower --lr, or check "
+                                     "the cache with `cellembed verify` (NaN/Inf features)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        size = len(batch.image)
+        total, n = total + loss.item() * size, n + size
+        if on_step:
+            on_step(size)
+    return {"train_loss": total / max(n, 1), "lr": lr}
+
+
+@torch.no_grad()
+def validate(model, loader, device, post: Postprocess, num_classes: int, loss_fn=None) -> dict:
+    """Validation losses and, for instance heads, PQ / mPQ+ / AJI with the run's real post-processing."""
+    from cellembed.metrics import image_counts, score_counts
+
+    model.eval()
+    total, n, parts, counts, sem = 0.0, 0, {}, [], np.zeros((max(num_classes, 1), 3), np.int64)
+    for batch in loader:
+        outputs, maps = decoder_maps(model, batch, device)
+        size = len(batch.image)
+        if loss_fn is not None:
+            loss, terms = loss_fn(outputs, batch.targets)
+            total, n = total + float(loss) * size, n + size
+            for k, v in terms.items():
+                parts[k] = parts.get(k, 0.0) + float(v) * size
+        if post.head in INSTANCE_HEADS:
+            pred, true = batch_instances(maps, post), true_maps(batch)
+            counts += [image_counts(p, t, num_classes) for p, t in zip(pred, true)]
+        else:
+            sem += semantic_counts(maps, batch, num_classes)
+    out = {}
+    if loss_fn is not None:
+        out = {"val_loss": total / max(n, 1), **{f"val_{k}": v / max(n, 1) for k, v in parts.items()}}
+    if counts:
+        s = score_counts(counts, num_classes)["summary"]
+        out.update({f"val_{k}": s[k] for k in ("pq", "dq", "sq", "aji", "mpq_plus")})
+    elif post.head == "semantic":
+        out.update({f"val_{k}": v for k, v in semantic_summary(sem).items()})
+    return out
+
+
+def _keep_best(run_dir: Path, model, metric: str, metrics: dict, best: dict | None) -> dict | None:
+    """Save ``model.safetensors`` when ``metric`` improves (lower for losses, higher otherwise).
+
+    ``metric`` may be given with or without the ``val_`` prefix; without validation the training loss is used.
+    """
+    name = next((k for k in (metric, f"val_{metric}") if k in metrics), None)
+    if name is None:
+        name = "val_loss" if "val_loss" in metrics else "train_loss"
+    value = metrics[name]
+    value = float("-inf") if value is None else value
+    lower = name.endswith("loss")
+    if best is None or best["metric"] != name or (value < best["value"] if lower else value > best["value"]):
+        best = {"metric": name, "value": value, "epoch": metrics["epoch"]}
+        save_model(model, run_dir / "model.safetensors", {"best": best})
+    return best
+
+
+def _plot_curves(run_dir: Path, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    scores = [k for k in ("val_pq", "val_mpq_plus", "val_miou") if k in history[-1]]
+    fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 3.5), squeeze=False)
+    for key in ("train_loss", "val_loss"):
+        if key in history[-1]:
+            axes[0, 0].plot(epochs, [h.get(key) for h in history], label=key)
+    axes[0, 0].set(xlabel="epoch", ylabel="loss")
+    axes[0, 0].legend()
+    for key in scores:
+        axes[0, 1].plot(epochs, [h.get(key) if h.get(key) is not None else math.nan for h in history], label=key)
+    if scores:
+        axes[0, 1].set(xlabel="epoch", ylabel="validation score")
+        axes[0, 1].legend()
+    fig.tight_layout()
+    fig.savefig(run_dir / "curves.png", dpi=100)
+    plt.close(fig)
