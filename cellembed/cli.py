@@ -179,8 +179,8 @@ def fit_decoder(
     batch_size: int = typer.Option(16, min=1),
     lr: float = typer.Option(1e-4, help="OneCycle peak learning rate (30% warm-up, down to 1e-6)."),
     memory: str = typer.Option("auto", help="stream | ram | gpu | auto (gpu if it fits, else ram, else stream)"),
-    augment: str = typer.Option("none", help="cache: none | dihedral (flip/rot90 of every level and the GT); "
-                                "live: full image-space augmentation unless none"),
+    augment: str = typer.Option("auto", help="auto | none | dihedral (flip/rot90 of every level and the GT) | "
+                                "full (live only: flips, rot90, colour, elastic); auto = none from a cache, full live"),
     oversample: str = typer.Option("none", help="none | cisca-pannuke | cisca-conic (CISCA's rare-class "
                                    "oversampling of the training list)"),
     magnification: str = typer.Option("40x", help="20x | 40x: CISCA target footprints and post-processing"),
@@ -468,19 +468,33 @@ def synth(
 @app.command()
 def demo(
     out: Path = typer.Option(Path("cellembed-demo"), help="Folder for the demo's outputs."),
-    tiles: int = typer.Option(48, min=4, help="Synthetic tiles to generate."),
+    tiles: int = typer.Option(48, min=8, help="Synthetic tiles to generate (split 72/8/20)."),
+    epochs: int = typer.Option(12, min=0, help="Decoder epochs (0: stop after extraction)."),
 ):
-    """Run the pipeline end to end on a synthetic dataset with the packaged EfficientNet-Lite0."""
+    """Run the pipeline end to end: synthetic tiles → EfficientNet-Lite0 caches → decoder → test scores."""
     from cellembed.demo import run_demo
 
     try:
         with _progress_bar() as bar:
-            result = run_demo(out, tiles=tiles, progress=_ExtractProgress(bar), warn=console.print)
+            fit_task = {}
+
+            def on_epoch(epoch, total, metrics):
+                if "task" not in fit_task:
+                    fit_task["task"] = bar.add_task("fit", total=total, rate="")
+                shown = "  ".join(f"{k} {v:.3f}" for k, v in metrics.items()
+                                  if k in ("train_loss", "val_loss", "val_pq") and v is not None)
+                bar.update(fit_task["task"], completed=epoch, rate=shown)
+
+            result = run_demo(out, tiles=tiles, epochs=epochs, progress=_ExtractProgress(bar), warn=console.print,
+                              on_epoch=on_epoch)
     except USER_ERRORS as err:
         _fail(err)
     info(result.cache)
-    console.print(f"[green]demo finished[/] in {result.seconds:.1f} s. Outputs: dataset {result.dataset}, "
-                  f"cache {result.cache}")
+    if result.metrics is not None:
+        _print_scores(result.metrics, f"test split: {result.metrics['protocol']['n_images']} tiles")
+        _stdout().print((result.score / "table.md").read_text())
+    console.print(f"[green]demo finished[/] in {result.seconds:.1f} s. Outputs: dataset {result.dataset}, caches "
+                  f"{result.cache.parent}, run {result.run}, scores {result.score}")
 
 
 def main() -> None:

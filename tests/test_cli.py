@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from cellembed.cache import open_cache, read_manifest
 from cellembed.cli import app
 
 runner = CliRunner()
-COMMANDS = ["extract", "info", "verify", "encoders", "synth", "demo", "score"]
+COMMANDS = ["extract", "info", "verify", "encoders", "synth", "demo", "score", "fit-decoder", "tune"]
 REALDATA = Path(os.environ.get("CELLEMBED_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
 
 
@@ -105,12 +106,14 @@ def test_synth_extract_info_verify(tmp_path):
 
 
 def test_demo_runs_end_to_end(tmp_path):
-    result = run("demo", "--out", str(tmp_path / "demo"), "--tiles", "8")
+    result = run("demo", "--out", str(tmp_path / "demo"), "--tiles", "20", "--epochs", "1")
     assert result.exit_code == 0, result.output
-    cache = open_cache(tmp_path / "demo" / "cache" / "efficientnet_lite0_in1k")
-    assert len(cache) == 8
-    assert cache.manifest["identity"]["encoder"]["weights_id"].startswith("packaged:")
-    assert "demo finished" in result.output and "cache_key" in result.output
+    caches = {s: open_cache(tmp_path / "demo" / "cache" / "efficientnet_lite0_in1k" / s) for s in ("train", "val", "test")}
+    assert sum(len(c) for c in caches.values()) == 20 and all(len(c) for c in caches.values())
+    assert caches["train"].manifest["identity"]["encoder"]["weights_id"].startswith("packaged:")
+    scores = json.loads((tmp_path / "demo" / "run" / "score-test" / "metrics.json").read_text())
+    assert scores["protocol"]["n_images"] == len(caches["test"])
+    assert "demo finished" in result.output and "cache_key" in result.output and "mPQ+" in result.output
 
 
 @pytest.mark.skipif(not (REALDATA / "consep_tiles256" / "labels.npz").is_file(), reason="../shared/realdata absent")

@@ -211,3 +211,18 @@ def test_decoder_learns_from_the_cache(caches, tmp_path):
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < 0.8 * first["train_loss"]
     assert last["val_loss"] < 0.85 * first["val_loss"]
+
+
+def test_live_source_trains_and_its_run_scores_on_a_cache(caches, tmp_path):
+    """--source live: the encoder in the loop with image-space augmentation; same checkpoint format."""
+    live = dict(source="live", cache=None, val_cache=None, dataset="synthetic", encoder="test_vit", weights="random",
+                dataset_options={"n_tiles": 10, "seed": 0, "size": 64}, epochs=1, batch_size=4, num_workers=0)
+    result = fit_decoder(_config(caches, tmp_path / "live", **live))
+    m = result.history[-1]
+    assert np.isfinite(m["train_loss"]) and "val_pq" in m  # validated live on the dataset's val split
+    record = json.loads((tmp_path / "live" / "config.json").read_text())
+    assert record["source"] == "live" and record["config"]["augment"] == "auto"
+    scored = score_run(result.run_dir, caches["val"], tmp_path / "s", num_workers=0)  # same encoder identity
+    assert 0.0 <= scored.metrics["summary"]["pq"] <= 1.0
+    with pytest.raises(ValueError, match="--dataset"):
+        fit_decoder(_config(caches, tmp_path / "bad", source="live", cache=None))

@@ -68,7 +68,7 @@ class FitConfig:
     warmup: float = 0.3
     weight_decay: float = 0.01
     memory: str = "auto"
-    augment: str = "none"
+    augment: str = "auto"
     oversample: str = "none"
     magnification: str = "40x"
     postprocess: str | None = None
@@ -134,7 +134,7 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     post = (Postprocess(config.head, config.postprocess) if config.postprocess
             else default_postprocess(config.head, {"identity": source["identity"]}, config.magnification))
-    val = _val_loader(config, source, device)
+    val = _val_loader(config, source, device, train)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _one_cycle(optimizer, config, len(train))
     run_dir = _prepare_run(config, source, model, n_params, post)
@@ -199,19 +199,15 @@ def _train_source(c: FitConfig, device: torch.device):
         loader = make_live_loader(
             c.dataset, c.root, c.encoder, split=c.split, folds=c.folds, blocks=c.blocks, weights=c.weights,
             input_policy=c.input_policy, dtype=c.dtype, dataset_options=dict(c.dataset_options),
-            batch_size=c.batch_size, augment="full" if c.augment == "none" else c.augment, head=c.head,
-            magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers, device=device)
-        wanted = _level_names(c.levels)
-        levels = [lv for lv in loader.levels if wanted is None or lv["name"] in wanted]
-        if wanted and len(levels) != len(wanted):
-            raise ValueError(f"levels {wanted} are not all produced by {c.encoder}; it gives "
-                             f"{[lv['name'] for lv in loader.levels]}")
-        return loader, {"kind": "live", "levels": levels, "tile_size": loader.tile_size, "cache_key": None,
+            batch_size=c.batch_size, augment=_augment(c), head=c.head,
+            magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers, device=device,
+            levels=_level_names(c.levels))
+        return loader, {"kind": "live", "levels": loader.levels, "tile_size": loader.tile_size, "cache_key": None,
                         "class_names": list(loader.class_names), "identity": loader.identity}
     from cellembed.cache import make_loader, open_cache
 
     cache = open_cache(c.cache)
-    loader = make_loader(cache, batch_size=c.batch_size, memory=c.memory, augment=c.augment, head=c.head,
+    loader = make_loader(cache, batch_size=c.batch_size, memory=c.memory, augment=_augment(c), head=c.head,
                          magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers,
                          device=device, levels=_level_names(c.levels), **_oversample(c))
     levels = [lv for lv in cache.manifest["levels"] if lv["name"] in loader.level_names]
@@ -220,13 +216,29 @@ def _train_source(c: FitConfig, device: torch.device):
                     "identity": cache.manifest["identity"]}
 
 
+def _augment(c: FitConfig) -> str:
+    """"auto": none from a cache (the paper's protocol), full image-space augmentation live."""
+    if c.augment != "auto":
+        return c.augment
+    return "full" if c.source == "live" else "none"
+
+
 def _oversample(c: FitConfig) -> dict:
     return {} if c.oversample == "none" else {"oversample": c.oversample}
 
 
-def _val_loader(c: FitConfig, source: dict, device: torch.device):
+def _val_loader(c: FitConfig, source: dict, device: torch.device, train):
+    """The validation cache's loader; live runs without one validate live on the dataset's val split."""
     if not c.val_cache:
-        return None
+        if c.source != "live":
+            return None
+        from cellembed.train._live import make_live_loader
+
+        return make_live_loader(
+            c.dataset, c.root, train.encoder, split="val", folds=c.folds, blocks=c.blocks, weights=c.weights,
+            input_policy=c.input_policy, dtype=c.dtype, dataset_options=dict(c.dataset_options),
+            batch_size=c.batch_size, augment="none", head=c.head, magnification=c.magnification, shuffle=False,
+            seed=c.seed, num_workers=c.num_workers, device=device, levels=[lv["name"] for lv in source["levels"]])
     from cellembed.cache import make_loader, open_cache
 
     cache = open_cache(c.val_cache)
