@@ -37,8 +37,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")):
+                                       help="Print the version and exit."),
+          debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors "
+                                     "(also CELLEMBED_DEBUG=1).")):
     """Frozen vision foundation models for cell segmentation: extract features once, train decoders from the cache."""
+    if debug:
+        os.environ["CELLEMBED_DEBUG"] = "1"
 
 
 def _fail(err: BaseException) -> None:
@@ -320,6 +324,7 @@ def score(
     device: str = typer.Option("auto", help="With RUN: auto | cpu | cuda"),
     batch_size: int = typer.Option(16, min=1, help="With RUN: decoder batch size."),
     workers: int = typer.Option(2, min=0, help="With RUN: cache reader worker processes."),
+    overwrite: bool = typer.Option(False, help="With RUN: replace earlier scores in the output folder."),
 ):
     """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI."""
     from cellembed.cache import CacheError
@@ -340,7 +345,7 @@ def score(
                 from cellembed.evaluate import score_run
 
                 result = score_run(run, cache, out, device=device, batch_size=batch_size, num_workers=workers,
-                                   on_progress=progress)
+                                   on_progress=progress, overwrite=overwrite)
         except (CacheError, *USER_ERRORS) as err:
             _fail(err)
         _print_scores(result.metrics, f"{run.name} on {cache.name} ({result.metrics['protocol']['n_images']} images)")

@@ -226,3 +226,33 @@ def test_live_source_trains_and_its_run_scores_on_a_cache(caches, tmp_path):
     assert 0.0 <= scored.metrics["summary"]["pq"] <= 1.0
     with pytest.raises(ValueError, match="--dataset"):
         fit_decoder(_config(caches, tmp_path / "bad", source="live", cache=None))
+
+
+def test_bad_caches_are_refused_in_one_line(caches, tmp_path):
+    """Training tiles as validation, another dtype, a corrupt shard: one line naming the cause and the fix."""
+    runner = CliRunner()
+    with pytest.raises(CacheError, match="same tiles as the run's training cache"):
+        fit_decoder(_config(caches, tmp_path / "leak", val_cache=str(caches["train"])))
+    fp32 = tmp_path / "fp32"
+    extract(ExtractConfig(dataset="synthetic", out=str(fp32), encoder="test_vit", weights="random", device="cpu",
+                          num_workers=0, shard_size=4, batch_size=4, dtype="fp32",
+                          dataset_options={"n_tiles": 8, "seed": 1, "size": 64}))
+    with pytest.raises(CacheError, match="dtype: fp32 → fp16"):
+        fit_decoder(_config(caches, tmp_path / "dt", val_cache=str(fp32)))
+    run = fit_decoder(_config(caches, tmp_path / "run", epochs=1, val_cache=None)).run_dir
+    broken = tmp_path / "broken"
+    _cache(broken, 1)
+    shard = sorted(broken.glob("shard-*.tar"))[1]
+    data = bytearray(shard.read_bytes())
+    data[2000:2400] = bytes(400)  # zero a block inside the first member's payload
+    shard.write_bytes(bytes(data))
+    for args in (["fit-decoder", str(broken), "--out", str(tmp_path / "r2"), "--epochs", "1", "--workers", "0",
+                  "--device", "cpu", "--memory", "stream"],
+                 ["score", str(run), "--cache", str(broken), "--workers", "0"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 2, res.output
+        line = res.output.strip()
+        assert shard.name in line and "cellembed" in line and "Traceback" not in line, line
+    res = runner.invoke(app, ["score", str(run), "--cache", str(caches["val"]), "--workers", "0"])
+    again = runner.invoke(app, ["score", str(run), "--cache", str(caches["val"]), "--workers", "0"])
+    assert res.exit_code == 0 and again.exit_code == 2 and "--overwrite" in again.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import tarfile
 from pathlib import Path
 from typing import Iterator
@@ -41,16 +43,56 @@ class Cache:
         for path in self.shard_paths:
             yield from self.iter_shard(path)
 
-    def iter_shard(self, path: Path) -> Iterator[Sample]:
-        """Decode the samples of one shard in order."""
+    def iter_shard(self, path: Path, check: bool = True) -> Iterator[Sample]:
+        """Decode the samples of one shard in order.
+
+        With ``check`` the shard's bytes are hashed as they stream by and compared with the manifest's sha256
+        once the shard is read, so silent corruption (flipped bytes inside a tensor) fails the read with a
+        ``CacheError`` after the shard's last sample instead of going unnoticed.
+        """
         if not path.is_file():
-            raise CacheError(f"{path}: shard missing; run `cellembed verify {self.path}` and re-extract")
+            raise CacheError(f"{path}: shard missing; {self.repair_hint}")
+        expected = self._sha256.get(path.name) if check else None
         try:
-            with tarfile.open(path, "r") as tar:
-                yield from _group_samples(tar, self.level_names, path)
+            with open(path, "rb") as raw:
+                reader = _HashingReader(raw)
+                with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
+                    yield from _group_samples(tar, self.level_names, path)
+                if expected is not None and reader.finish() != expected:
+                    raise CacheError(f"{path}: corrupt shard (its sha256 differs from the manifest's); "
+                                     f"{self.repair_hint}")
         except (tarfile.TarError, EOFError, OSError) as err:
-            raise CacheError(f"{path}: unreadable shard ({err}); run `cellembed verify {self.path}`, then rerun "
-                             "the same extract command to rebuild it") from None
+            raise CacheError(f"{path}: unreadable shard ({err}); {self.repair_hint}") from None
+
+    @property
+    def repair_hint(self) -> str:
+        return (f"run `cellembed verify {self.path}`, then rerun the extract command that made it with --repair "
+                "to rebuild the bad shards")
+
+    @property
+    def _sha256(self) -> dict[str, str]:
+        return {s["name"]: s["sha256"] for s in self.manifest["shards"] if "sha256" in s}
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only file wrapper that hashes every byte read through it."""
+
+    def __init__(self, raw):
+        self.raw, self.hash = raw, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        n = self.raw.readinto(buffer)
+        self.hash.update(memoryview(buffer)[:n])
+        return n
+
+    def finish(self) -> str:
+        """Hash the rest of the file (tar padding after the last member) and return the hex digest."""
+        while chunk := self.raw.read(1 << 20):
+            self.hash.update(chunk)
+        return self.hash.hexdigest()
 
 
 def _group_samples(tar: tarfile.TarFile, level_names: list[str], path: Path) -> Iterator[Sample]:

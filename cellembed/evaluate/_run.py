@@ -105,7 +105,7 @@ class ScoreResult(NamedTuple):
 
 def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | None = None, *,
               device: str = "auto", batch_size: int = 16, num_workers: int = 2, n_overlays: int = 4,
-              on_progress: ProgressFn | None = None) -> ScoreResult:
+              on_progress: ProgressFn | None = None, overwrite: bool = False) -> ScoreResult:
     """Predict a test cache with a run's best decoder, post-process, score; write the results to ``out``.
 
     Writes ``predictions.npy`` ((N, T, T, 2) int32 instance and type maps, in cache order; ``keys.txt``
@@ -120,6 +120,7 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
         batch_size, num_workers: decoder batch size and cache reader workers.
         n_overlays: overlay PNGs of the first tiles with ground truth.
         on_progress: called with the number of tiles after every batch.
+        overwrite: replace the scores of an earlier ``score`` in ``out`` (refused otherwise).
     """
     from cellembed.cache import open_cache
     from cellembed.metrics import image_counts, score_counts
@@ -133,6 +134,10 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
     cache = open_cache(cache_path)
     loader = _loader(run, cache, dev, batch_size, num_workers, "test cache")
     out = Path(out) if out else run.path / f"score-{Path(cache_path).resolve().name}"
+    if (out / "metrics.json").exists() and not overwrite:
+        raise ValueError(f"{out} already holds scores; pass --overwrite to replace them, or --out another folder")
+    if out.is_file():
+        raise ValueError(f"{out} is a file; give --out a folder")
     out.mkdir(parents=True, exist_ok=True)
     from cellembed.cache._stream import epoch_order
 

@@ -249,14 +249,23 @@ def _val_loader(c: FitConfig, source: dict, device: torch.device, train):
 
 
 def check_run_cache(cache, run: dict, role: str) -> None:
-    """Refuse a cache whose encoder (weights, blocks, input), levels or classes differ from the run's."""
+    """Refuse a cache that cannot evaluate the run: another encoder (weights, blocks, input policy), dtype,
+    levels, classes or tile size, or the very tiles the run was trained on."""
     from cellembed.cache import CacheError, check_compatible
 
+    ident = run["identity"]
     try:
-        check_compatible(cache, {"encoder": run["identity"]["encoder"], "class_names": run["class_names"],
-                                 "tile_size": run["tile_size"], "levels": [lv["name"] for lv in run["levels"]]})
+        check_compatible(cache, {"encoder": ident["encoder"], "dtype": ident["dtype"],
+                                 "class_names": run["class_names"], "tile_size": run["tile_size"],
+                                 "levels": [lv["name"] for lv in run["levels"]]})
     except CacheError as err:
         raise CacheError(f"{role} {err}") from None
+    theirs = cache.manifest["identity"]
+    if run.get("source", run.get("kind")) == "cache" and theirs.get("tiles") == ident.get("tiles") and \
+            theirs.get("dataset") == ident.get("dataset"):
+        split = theirs.get("split", {}).get("split")
+        raise CacheError(f"{role} {cache.path}: holds the same tiles as the run's training cache (split {split}); "
+                         "evaluate on a cache of another split")
 
 
 def _one_cycle(optimizer, config: FitConfig, steps_per_epoch: int):
