@@ -1,6 +1,8 @@
-"""The training-time cache reader: memory modes, dihedral augmentation, refusal, DDP split, corrupt shards."""
+"""The training-time cache reader: memory modes, dihedral augmentation, refusal, DDP split, corrupt shards,
+CISCA oversampling."""
 
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -15,6 +17,13 @@ from cellembed.cache import (
     open_cache,
 )
 from cellembed.cache._augment import allowed_variants, dihedral_batch
+from cellembed.cache._oversample import (
+    OVERSAMPLE_SCHEMES,
+    OversampleScheme,
+    cisca_oversample,
+    extra_classes,
+    instance_class_counts,
+)
 from cellembed.targets import cisca_targets, hover_targets
 
 
@@ -201,3 +210,174 @@ def test_heads_levels_and_auto(vit, raw):
     assert torch.equal(sem.targets["semantic"], sem.targets["type_map"])
     with pytest.raises(ValueError, match="memory"):
         make_loader(vit, batch_size=2, memory="disk")
+
+
+# ---- CISCA oversampling (CISCA.md §4.3) ------------------------------------------------------------------------
+
+
+def _reference_oversample(counts, multipliers, percentile):
+    """The recipe as the text writes it, on numpy's global stream after ``np.random.seed(5)``."""
+    totals = counts.sum(0)
+    extra = [c for c in np.argsort(totals, kind="stable") if c != 0][:-1]
+    n = np.sqrt(totals.sum() / totals[extra])
+    n = (n / n.max() * len(counts) * np.array(multipliers)).astype(int)
+    state = np.random.get_state()
+    try:
+        np.random.seed(5)
+        rows = list(range(len(counts)))
+        for c, n_c in zip(extra, n):
+            w = np.clip(counts[:, c], None, np.percentile(counts[:, c], percentile))
+            rows += list(np.random.choice(len(counts), n_c, p=w / w.sum()))
+        np.random.shuffle(rows)
+    finally:
+        np.random.set_state(state)
+    return extra, n, np.array(rows)
+
+
+def _count_table(n_tiles=40, seed=0):
+    """(n, 6) counts: background 0, class 1 commonest, then 3, 5, 4, 2 from commonest to rarest."""
+    rng = np.random.default_rng(seed)
+    lam = np.array([0.0, 12.0, 0.2, 4.0, 0.8, 2.0])
+    return rng.poisson(lam, size=(n_tiles, 6))
+
+
+def test_oversample_extra_classes_and_draw_counts():
+    counts = _count_table()
+    totals = counts.sum(0)
+    assert totals[0] == 0 and np.argmax(totals) == 1
+    out = cisca_oversample(counts, "cisca-pannuke")
+    assert out.classes.tolist() == [2, 4, 5, 3]  # rarest → commonest; neither background nor class 1
+    assert list(extra_classes(counts)) == [2, 4, 5, 3]
+    n = len(counts)
+    assert out.n_draws[0] == n  # the rarest extra class gets N_train (multiplier 1)
+    expected = [int(n * np.sqrt(totals[2] / totals[c])) for c in (2, 4, 5, 3)]
+    assert out.n_draws.tolist() == expected and expected == sorted(expected, reverse=True)
+    assert len(out.indices) == n + sum(expected)
+    copies = np.bincount(out.indices, minlength=n)
+    assert copies.min() >= 1  # every tile kept once
+    drawn = copies - 1
+    extra_counts = counts[:, [2, 3, 4, 5]].sum(1)
+    assert not drawn[extra_counts == 0].any()  # a tile with no instance of an extra class is never drawn
+    # CoNIC: six classes, the two rarest get 1.6 N_train before truncation, the others 0.9 of their share
+    conic = np.concatenate([counts, np.random.default_rng(2).poisson(0.5, (n, 1))], axis=1)
+    out = cisca_oversample(conic, "cisca-conic")
+    t = conic.sum(0)
+    share = np.sqrt(t[out.classes[0]] / t[out.classes])
+    assert out.n_draws.tolist() == (share * n * np.array([1.6, 1.6, 0.9, 0.9, 0.9])).astype(int).tolist()
+    assert out.n_draws[0] == int(1.6 * n) and len(out.classes) == 5 and 1 not in out.classes
+
+
+def test_oversample_matches_the_recipe_on_np_random_seed_5():
+    for scheme, counts in (("cisca-pannuke", _count_table(seed=3)),
+                           ("cisca-conic", _count_table(30, seed=4)[:, [0, 1, 2, 3, 4, 5, 3]])):
+        mult, pct = OVERSAMPLE_SCHEMES[scheme]
+        extra, n, rows = _reference_oversample(counts, mult, pct)
+        out = cisca_oversample(counts, scheme)
+        assert out.classes.tolist() == list(extra) and out.n_draws.tolist() == n.tolist()
+        assert np.array_equal(out.indices, rows)
+
+
+def test_oversample_clips_counts_at_the_percentile():
+    n = 100
+    counts = np.zeros((n, 4), np.int64)
+    counts[:, 1] = 50  # the commonest class (5000)
+    counts[:, 3] = 1  # the rarest (100)
+    counts[60:, 2] = 1
+    counts[0, 2] = 1000  # class 2 (1040): one outlier tile would take 96 % of the class's draws unclipped
+    out = cisca_oversample(counts, OversampleScheme((1.0, 1.0), 98.5))
+    assert out.classes.tolist() == [3, 2] and out.n_draws.tolist() == [100, int(100 * np.sqrt(100 / 1040))]
+    # sorted class-2 counts: 59 zeros, 40 ones, 1000; the 98.5th percentile (position 97.5) is 1, so the
+    # outlier weighs like each of the 40 other tiles holding class 2: about 31/41 + 100/100 copies expected
+    assert np.percentile(counts[:, 2], 98.5) == 1
+    assert np.bincount(out.indices, minlength=n)[0] - 1 < 8
+    unclipped = cisca_oversample(counts, OversampleScheme((1.0, 1.0), 100.0))
+    assert np.bincount(unclipped.indices, minlength=n)[0] - 1 > 0.8 * unclipped.n_draws[1]
+
+
+def test_oversample_is_deterministic_and_validates():
+    counts = _count_table()
+    a, b = cisca_oversample(counts, "cisca-pannuke"), cisca_oversample(counts, "cisca-pannuke")
+    assert np.array_equal(a.indices, b.indices)
+    c = cisca_oversample(counts, "cisca-pannuke", seed=6)
+    assert not np.array_equal(a.indices, c.indices) and np.array_equal(a.n_draws, c.n_draws)
+    with pytest.raises(ValueError, match="4 multipliers"):
+        cisca_oversample(counts[:, :5], "cisca-pannuke")
+    with pytest.raises(ValueError, match="valid: cisca-pannuke, cisca-conic"):
+        cisca_oversample(counts, "cisca-monuseg")
+    absent = counts.copy()
+    absent[:, 2] = 0
+    with pytest.raises(ValueError, match=r"classes \[2\] have no instance"):
+        cisca_oversample(absent, "cisca-pannuke")
+    with pytest.raises(ValueError, match="non-negative integers"):
+        cisca_oversample(counts - 1, "cisca-pannuke")
+
+
+def test_instance_class_is_the_max_type_over_its_pixels():
+    inst = np.array([[1, 1, 0, 2], [1, 1, 0, 2], [3, 0, 0, 0], [9, 9, 0, 0]], np.int32)
+    typ = np.array([[0, 2, 0, 1], [3, 1, 0, 1], [0, 0, 0, 0], [4, 4, 0, 0]], np.uint8)
+    assert instance_class_counts(inst, typ, 4).tolist() == [1, 1, 0, 1, 1]  # ids 3 / 2 / 1 / 9
+    assert instance_class_counts(np.zeros((4, 4), np.int32), typ, 4).tolist() == [0] * 5
+
+
+@pytest.fixture(scope="module")
+def typed(tmp_path_factory):
+    out = tmp_path_factory.mktemp("typed") / "cache"
+    extract(ExtractConfig(dataset="synthetic", out=str(out), encoder="test_vit", weights="random", device="cpu",
+                          num_workers=0, shard_size=4, batch_size=4,
+                          dataset_options={"n_tiles": 12, "seed": 0, "size": 64, "n_types": 5}))
+    return open_cache(out)
+
+
+def test_oversampled_loader_serves_the_list_in_every_mode(typed):
+    raw = list(typed)
+    k = len(typed.manifest["class_names"]) - 1
+    runs, loaders = {}, {}
+    for mode in ("stream", "ram", "gpu"):
+        loaders[mode] = make_loader(typed, batch_size=5, memory=mode, augment="dihedral", seed=2, num_workers=2,
+                                    oversample="cisca-pannuke")
+        runs[mode] = _epoch(loaders[mode], 1)
+    _assert_same_batches(runs["stream"], runs["ram"])
+    _assert_same_batches(runs["stream"], runs["gpu"])
+    loader = loaders["stream"]
+    expected = np.stack([instance_class_counts(s.inst_map, s.type_map, k) for s in raw])
+    assert np.array_equal(loader.class_counts, expected)
+    plan = cisca_oversample(expected, "cisca-pannuke")
+    assert np.array_equal(loader.oversampled.indices, plan.indices) and len(plan.indices) > 2 * len(raw)
+    served = sorted(k for b in runs["stream"] for k in b.keys)
+    assert served == sorted(raw[i].key for i in plan.indices)  # duplicates included
+    assert loader.n_samples == len(plan.indices) and len(loader) == -(-len(plan.indices) // 5)
+    assert [len(b.keys) for b in runs["stream"]] == [5] * (len(loader) - 1) + [len(plan.indices) % 5 or 5]
+    other = [k for b in _epoch(loader, 2) for k in b.keys]
+    assert sorted(other) == served and other != [k for b in runs["stream"] for k in b.keys]
+    dup = {k for k in served if served.count(k) > 1}  # copies of one tile get their own dihedral variants
+    images = {}
+    for b in runs["ram"]:
+        for i, key in enumerate(b.keys):
+            images.setdefault(key, set()).add(b.image[i].numpy().tobytes())
+    assert any(len(images[key]) > 1 for key in dup)
+
+
+def test_oversampled_loader_ranks_unshuffled_and_refusals(typed, tmp_path):
+    raw = list(typed)
+    loaders = [make_loader(typed, batch_size=4, memory="stream", rank=r, world_size=2, num_workers=1,
+                           oversample="cisca-pannuke", drop_last=True) for r in (0, 1)]
+    reps = np.bincount(loaders[0].oversampled.indices)
+    for r, loader in enumerate(loaders):  # 3 shards of 4 tiles: rank 0 owns shards 0 and 2, rank 1 shard 1
+        mine = [i for s in range(r, 3, 2) for i in range(4 * s, 4 * s + 4)]
+        assert loader.n_samples == reps[mine].sum() and loader.n_tiles == len(mine)
+        assert len(loader) == min(x.n_samples for x in loaders) // 4
+        keys = [k for b in _epoch(loader, 0) for k in b.keys]
+        assert len(keys) == 4 * len(loader)
+        assert Counter(keys) <= Counter({raw[i].key: int(reps[i]) for i in mine})
+    plain = make_loader(typed, batch_size=4, memory="ram", shuffle=False, num_workers=0, oversample="cisca-pannuke")
+    assert [k for b in _epoch(plain) for k in b.keys] == [raw[i].key for i in np.repeat(np.arange(12), reps)]
+    with pytest.raises(ValueError, match=r"oversample='cisca-conic'.*5 multipliers.*background, epithelial"):
+        make_loader(typed, batch_size=2, oversample="cisca-conic")
+    with pytest.raises(ValueError, match="valid: none, cisca-pannuke, cisca-conic"):
+        make_loader(typed, batch_size=2, oversample="balanced")
+    bad = tmp_path / "cache"
+    shutil.copytree(typed.path, bad)
+    shard = bad / typed.manifest["shards"][2]["name"]
+    shard.write_bytes(shard.read_bytes()[:3000])
+    with pytest.raises(CacheError, match=shard.name):
+        make_loader(bad, batch_size=2, memory="stream", oversample="cisca-pannuke")

@@ -14,6 +14,10 @@ batches for the same seed:
 
 Dihedral variants are drawn per epoch per sample (by the sample's index in the cache), so a sample gets the
 same variant whatever the mode, rank or worker.
+
+With ``oversample`` (CISCA.md §4.3), the oversampled list is computed once from the instance class counts of
+every tile and turned into a number of copies per cache sample; the plan above then runs on those copies
+(a shard's stream yields a sample once per copy, and each copy draws its own dihedral variant).
 """
 
 from __future__ import annotations
@@ -37,16 +41,20 @@ from cellembed.cache._augment import (
 )
 from cellembed.cache._layout import describe_difference
 from cellembed.cache._manifest import CacheError
+from cellembed.cache._oversample import OVERSAMPLE_SCHEMES, cisca_oversample
 from cellembed.cache._reader import Cache, open_cache
 from cellembed.cache._stream import (
     data_loader,
     epoch_order,
     epoch_variants,
+    occurrence_starts,
     stream_shards,
+    tile_class_counts,
 )
 
 MEMORY_MODES = ("auto", "stream", "ram", "gpu")
 AUGMENTS = ("none", "dihedral")
+OVERSAMPLES = ("none", *OVERSAMPLE_SCHEMES)
 SHUFFLE_BUFFER = 512
 TARGET_BYTES_PER_PIXEL = 22  # cisca: classes 1 + directions 16 + types 1 + weights 4
 
@@ -117,7 +125,7 @@ def make_loader(cache: Cache | str | Path, *, batch_size: int, memory: str = "au
                 head: str = "cisca", magnification: str = "40x", shuffle: bool = True, seed: int = 0,
                 num_workers: int = 2, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                 levels: list[str] | None = None, shuffle_buffer: int = SHUFFLE_BUFFER,
-                drop_last: bool = False) -> Loader:
+                drop_last: bool = False, oversample: str = "none") -> Loader:
     """A per-epoch iterable of :class:`Batch` over a feature cache.
 
     Args:
@@ -142,16 +150,23 @@ def make_loader(cache: Cache | str | Path, *, batch_size: int, memory: str = "au
         levels: subset of ``cache.level_names`` to serve (default: all), in cache order.
         shuffle_buffer: samples held per stream when shuffling.
         drop_last: drop an epoch's incomplete last batch.
+        oversample: "none", or CISCA's oversampling of rare classes for a *training* cache, "cisca-pannuke"
+            (multipliers 1, 1, 1, 1; 98.5th percentile) or "cisca-conic" (1.6, 1.6, 0.9, 0.9, 0.9; 97th): an
+            epoch is one pass over the oversampled tile list (duplicates included, ``len(loader)`` counts
+            them). The list is drawn once with seed 5, whatever ``seed``, from every tile's instance class
+            counts (read from the cache's GT when the loader is built; ``loader.oversampled``). Raises
+            ValueError when the cache's classes do not fit the scheme (PanNuke: 5 classes, CoNIC: 6).
     """
     cache = open_cache(cache) if isinstance(cache, (str, Path)) else cache
     return Loader(cache, batch_size=batch_size, memory=memory, augment=augment, head=head,
                   magnification=magnification, shuffle=shuffle, seed=seed, num_workers=num_workers,
                   device=torch.device(device), rank=rank, world_size=world_size, levels=levels,
-                  shuffle_buffer=shuffle_buffer, drop_last=drop_last)
+                  shuffle_buffer=shuffle_buffer, drop_last=drop_last, oversample=oversample)
 
 
 def _check_options(o: dict, cache: Cache) -> None:
-    for name, valid in (("memory", MEMORY_MODES), ("augment", AUGMENTS), ("head", HEADS)):
+    for name, valid in (("memory", MEMORY_MODES), ("augment", AUGMENTS), ("head", HEADS),
+                        ("oversample", OVERSAMPLES)):
         if o[name] not in valid:
             raise ValueError(f"unknown {name} {o[name]!r}; valid: {', '.join(valid)}")
     if o["magnification"] not in ("20x", "40x"):
@@ -172,7 +187,10 @@ class Loader:
         cache: the cache read.
         memory: the resolved memory mode ("stream", "ram" or "gpu").
         level_names: the served levels.
-        n_samples: samples this rank owns.
+        n_samples: samples this rank serves per epoch (oversampling copies included).
+        n_tiles: distinct cache samples this rank owns.
+        oversampled: the ``Oversampled`` list (indices, classes, n_draws) of the whole cache, or None.
+        class_counts: (n, K + 1) int64 instance counts per tile and class (``oversample`` set), or None.
     """
 
     def __init__(self, cache: Cache, **o):
@@ -185,8 +203,16 @@ class Loader:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(int).tolist()
         grids = [tuple(lv["grid"]) for lv in cache.manifest["levels"]]
         self.variants = allowed_variants(grids) if o["augment"] == "dihedral" else [0]
-        per_rank = [sum(self.counts[r::o["world_size"]]) for r in range(o["world_size"])]
+        self.class_counts = self.oversampled = self.reps = self.tile_of = None
+        if o["oversample"] != "none":
+            self.class_counts, self.oversampled = _oversample(cache, o["oversample"])
+            self.reps = np.bincount(self.oversampled.indices, minlength=len(self.class_counts))
+            self.tile_of = np.repeat(np.arange(len(self.reps)), self.reps)
+        first = occurrence_starts({"offsets": self.offsets, "reps": self.reps})
+        served = [int(first[self.offsets[s + 1]] - first[self.offsets[s]]) for s in range(len(self.counts))]
+        per_rank = [sum(served[r::o["world_size"]]) for r in range(o["world_size"])]
         self.n_samples = per_rank[o["rank"]]
+        self.n_tiles = sum(self.counts[o["rank"]::o["world_size"]])
         b = o["batch_size"]
         self.n_batches = min(n // b if o["drop_last"] else -(-n // b) for n in per_rank)
         self.memory = o["memory"] if o["memory"] != "auto" else choose_memory(self)
@@ -213,7 +239,7 @@ class Loader:
                 "seed": o["seed"], "epoch": epoch, "rank": o["rank"], "world_size": o["world_size"],
                 "n_streams": max(1, o["num_workers"]), "shuffle": o["shuffle"] if shuffle is None else shuffle,
                 "buffer": o["shuffle_buffer"], "variants": self.variants if augment else [0],
-                "head": o["head"], "magnification": o["magnification"], "targets": targets}
+                "head": o["head"], "magnification": o["magnification"], "targets": targets, "reps": self.reps}
 
     def __iter__(self) -> Iterator[Batch]:
         if self.memory == "stream":
@@ -230,7 +256,8 @@ class Loader:
 
     def _indexed_batch(self, indices: list[int], variants: np.ndarray) -> Batch:
         s = self.store
-        rows = [s["row"][i] for i in indices]
+        tiles = indices if self.tile_of is None else self.tile_of[indices].tolist()
+        rows = [s["row"][i] for i in tiles]
         var = torch.as_tensor(variants[indices], dtype=torch.int64)
         sel = torch.as_tensor(rows, dtype=torch.int64, device=self.store_device)
         pick = lambda t: dihedral_batch(t.index_select(0, sel), var)
@@ -245,6 +272,15 @@ class Loader:
         targets = finish_targets({**c["targets"], "type_map": c["type_map"]}, self.device)
         targets["inst_map"] = move(c["inst_map"])
         return Batch([move(f).float() for f in c["feats"]], move(c["image"]), targets, c["keys"])
+
+
+def _oversample(cache: Cache, scheme: str):
+    counts = tile_class_counts(cache)
+    try:
+        return counts, cisca_oversample(counts, scheme)
+    except ValueError as err:
+        raise ValueError(f"{cache.path}: oversample={scheme!r}: {err} "
+                         f"(cache classes: {', '.join(cache.manifest['class_names'])})") from None
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -279,7 +315,8 @@ def _collate(items: list[dict]) -> dict:
 
 def _load_store(loader: Loader) -> dict:
     """Decode this rank's samples once into stacked tensors (fp16 levels as cached) on the store device."""
-    spec = loader.spec(0, augment=False, targets=True, shuffle=False)  # workers also compute unaugmented targets
+    # each tile once (no oversampling copies); workers also compute its unaugmented targets
+    spec = dict(loader.spec(0, augment=False, targets=True, shuffle=False), reps=None)
     mine = sorted(i for shards in stream_shards(spec) for s in shards
                   for i in range(loader.offsets[s], loader.offsets[s + 1]))
     row = {i: r for r, i in enumerate(mine)}
@@ -330,7 +367,7 @@ def available_ram() -> int:
 
 def choose_memory(loader: Loader) -> str:
     """The "auto" rule: see :func:`make_loader`."""
-    need = max(_bytes_per_sample(loader) * loader.n_samples,
+    need = max(_bytes_per_sample(loader) * loader.n_tiles,
                loader.cache.manifest["n_bytes"] // loader.o["world_size"])
     if loader.device.type == "cuda" and need < 0.5 * torch.cuda.mem_get_info(loader.device)[0]:
         return "gpu"

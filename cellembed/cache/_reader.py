@@ -57,7 +57,7 @@ class Cache:
             with open(path, "rb") as raw:
                 reader = _HashingReader(raw)
                 with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
-                    yield from _group_samples(tar, self.level_names, path)
+                    yield from _group_samples(tar, self.level_names, path, self.repair_hint)
                 if expected is not None and reader.finish() != expected:
                     raise CacheError(f"{path}: corrupt shard (its sha256 differs from the manifest's); "
                                      f"{self.repair_hint}")
@@ -95,17 +95,26 @@ class _HashingReader(io.RawIOBase):
         return self.hash.hexdigest()
 
 
-def _group_samples(tar: tarfile.TarFile, level_names: list[str], path: Path) -> Iterator[Sample]:
+def _group_samples(tar: tarfile.TarFile, level_names: list[str], path: Path, hint: str) -> Iterator[Sample]:
     current, parts = None, {}
     for member in tar:
         base, _, suffix = member.name.partition(".")
         if base != current and parts:
-            yield decode_sample(parts, level_names, str(path))
+            yield _decode(parts, level_names, path, hint)
             parts = {}
         current = base
         parts[suffix] = tar.extractfile(member).read()
     if parts:
-        yield decode_sample(parts, level_names, str(path))
+        yield _decode(parts, level_names, path, hint)
+
+
+def _decode(parts: dict, level_names: list[str], path: Path, hint: str) -> Sample:
+    try:
+        return decode_sample(parts, level_names, str(path))
+    except CacheError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any undecodable member (safetensors, JSON, PNG, keys) is corruption
+        raise CacheError(f"{path}: corrupt sample ({type(err).__name__}: {err}); {hint}") from None
 
 
 def open_cache(path: str | Path) -> Cache:

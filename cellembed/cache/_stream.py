@@ -3,15 +3,25 @@
 Pipeline stages are plain generator functions (``read_shards`` → ``buffer_shuffle`` → ``prepare_sample``,
 streams joined by ``round_robin``); ``epoch_order`` runs the same stages on sample indices, which is how the
 RAM and GPU modes reproduce the stream mode's batches exactly.
+
+With oversampling, ``spec["reps"]`` gives each cache sample's number of copies in the epoch. The plan then runs
+on *occurrences*: cache sample ``i`` owns occurrence ids ``first[i] .. first[i + 1] - 1`` (``first`` from
+:func:`occurrence_starts`), a shard's stream yields each of its samples once per occurrence, and dihedral
+variants are drawn per occurrence. Without oversampling occurrence ids are cache indices.
 """
 
 from __future__ import annotations
 
+import tarfile
+
 import numpy as np
 import torch
+from safetensors.numpy import load as st_load_np
 
 from cellembed.cache._augment import dihedral, dihedral_np, sample_targets
+from cellembed.cache._codec import GT
 from cellembed.cache._manifest import CacheError
+from cellembed.cache._oversample import instance_class_counts
 
 
 def stream_shards(spec: dict) -> list[list[int]]:
@@ -57,18 +67,25 @@ def _stream_rng(spec: dict, stream: int) -> np.random.Generator:
     return np.random.default_rng([spec["seed"], spec["epoch"], spec["rank"], stream, 1])
 
 
+def occurrence_starts(spec: dict) -> np.ndarray:
+    """(n_samples + 1,) int64 first occurrence id of every cache sample (cumulative ``spec["reps"]``)."""
+    if spec.get("reps") is None:
+        return np.arange(spec["offsets"][-1] + 1, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(spec["reps"])]).astype(np.int64)
+
+
 def epoch_order(spec: dict) -> list[int]:
-    """This rank's sample indices (positions in the cache) in this epoch's order."""
-    streams = []
+    """This rank's occurrence ids (cache indices without oversampling) in this epoch's order."""
+    first, streams = occurrence_starts(spec).tolist(), []
     for w, shards in enumerate(stream_shards(spec)):
-        idx = (i for s in shards for i in range(spec["offsets"][s], spec["offsets"][s + 1]))
+        idx = (i for s in shards for i in range(first[spec["offsets"][s]], first[spec["offsets"][s + 1]]))
         streams.append(buffer_shuffle(idx, spec["buffer"], _stream_rng(spec, w)) if spec["shuffle"] else idx)
     return list(round_robin(streams))
 
 
 def epoch_variants(spec: dict) -> np.ndarray:
-    """(n_samples,) dihedral variant of every cache sample for this epoch (all 0 without augmentation)."""
-    n, allowed = spec["offsets"][-1], np.asarray(spec["variants"])
+    """(n_occurrences,) dihedral variant of every occurrence for this epoch (all 0 without augmentation)."""
+    n, allowed = int(occurrence_starts(spec)[-1]), np.asarray(spec["variants"])
     if len(allowed) == 1:
         return np.zeros(n, np.int64)
     return allowed[np.random.default_rng([spec["seed"], spec["epoch"], 2]).integers(len(allowed), size=n)]
@@ -100,21 +117,85 @@ class ShardStream(torch.utils.data.IterableDataset):
 
 
 def read_shards(spec: dict, shards: list[int]):
-    """Generator stage: ``(cache index, Sample)`` for every sample of ``shards``; decode errors → CacheError."""
-    cache = spec["cache"]
+    """Generator stage: ``(occurrence id, Sample)`` for every occurrence of the samples of ``shards`` (a sample
+    repeated per occurrence); decode errors → CacheError."""
+    first, cache = occurrence_starts(spec).tolist(), spec["cache"]
     for s in shards:
-        path, n = cache.shard_paths[s], 0
-        try:
-            for n, sample in enumerate(cache.iter_shard(path), 1):
-                yield spec["offsets"][s] + n - 1, sample
-        except CacheError:
-            raise
-        except Exception as err:  # noqa: BLE001 - any undecodable member means a corrupt shard
-            raise CacheError(f"{path}: corrupt sample ({type(err).__name__}: {err}); run `cellembed verify "
-                             f"{cache.path}`, then rerun the same extract command to rebuild it") from None
-        if n != spec["counts"][s]:
-            raise CacheError(f"{path}: {n} samples, the manifest lists {spec['counts'][s]}; run `cellembed verify "
-                             f"{cache.path}`, then rerun the same extract command to rebuild it")
+        for i, sample in read_shard(cache, s, spec["offsets"][s], spec["counts"][s]):
+            check_sample(sample, cache, cache.shard_paths[s])
+            for occurrence in range(first[i], first[i + 1]):
+                yield occurrence, sample
+
+
+def check_sample(sample, cache, path) -> None:
+    """Refuse a decoded sample that does not fit the manifest: level shapes, (T, T, 3) uint8 image, (T, T)
+    maps, ids >= 0, types <= K. Damaged payload bytes that still decode land here instead of in a batch."""
+    m, problems = cache.manifest, []
+    t, k = m["tile_size"], len(m["class_names"]) - 1
+    for lv, f in zip(m["levels"], sample.feats):
+        if tuple(f.shape) != (lv["channels"], *lv["grid"]):
+            problems.append(f"{lv['name']} has shape {tuple(f.shape)}, expected {(lv['channels'], *lv['grid'])}")
+    if sample.image.shape != (t, t, 3) or sample.image.dtype != np.uint8:
+        problems.append(f"image is {sample.image.dtype} {sample.image.shape}, expected uint8 {(t, t, 3)}")
+    for name, a in (("inst_map", sample.inst_map), ("type_map", sample.type_map)):
+        if a.shape != (t, t):
+            problems.append(f"{name} has shape {a.shape}, expected {(t, t)}")
+    if sample.inst_map.size and sample.inst_map.min() < 0:
+        problems.append(f"inst_map holds negative id {sample.inst_map.min()}")
+    if sample.type_map.size and sample.type_map.max() > k:
+        problems.append(f"type_map holds type {sample.type_map.max()}, the cache has {k} classes")
+    if problems:
+        raise CacheError(f"{path}: corrupt sample {sample.key!r} ({'; '.join(problems)}); run `cellembed verify "
+                         f"{cache.path}`, then rerun the same extract command to rebuild it")
+
+
+def read_shard(cache, s: int, offset: int, count: int, read=None):
+    """Generator stage: ``(cache index, item)`` of shard ``s``, whose ``count`` samples start at ``offset``.
+
+    ``read(cache, path)`` iterates the shard's items (default ``cache.iter_shard``). Any failure, and a sample
+    count other than ``count``, raises a CacheError naming the shard file and the fix.
+    """
+    path, n = cache.shard_paths[s], 0
+    fix = f"run `cellembed verify {cache.path}`, then rerun the same extract command to rebuild it"
+    try:
+        for n, item in enumerate(cache.iter_shard(path) if read is None else read(cache, path), 1):
+            if n > count:
+                break
+            yield offset + n - 1, item
+    except CacheError:
+        raise
+    except Exception as err:  # noqa: BLE001 - any undecodable member means a corrupt shard
+        raise CacheError(f"{path}: corrupt sample ({type(err).__name__}: {err}); {fix}") from None
+    if n != count:
+        found = f"more than {count}" if n > count else str(n)
+        raise CacheError(f"{path}: {found} samples, the manifest lists {count}; {fix}")
+
+
+def read_class_counts(cache, path):
+    """Iterate the (K + 1,) instance class counts of a shard's samples, decoding only their ``gt.safetensors``."""
+    if not path.is_file():
+        raise CacheError(f"{path}: shard missing; run `cellembed verify {cache.path}` and re-extract")
+    k = len(cache.manifest["class_names"]) - 1
+    with tarfile.open(path, "r") as tar:
+        for member in tar:
+            if member.name.endswith("." + GT):
+                gt = st_load_np(tar.extractfile(member).read())
+                yield instance_class_counts(gt["inst_map"], gt["type_map"], k)
+
+
+def tile_class_counts(cache) -> np.ndarray:
+    """(n, K + 1) int64 instances per class of every cache sample, in cache order (reads only the GT members).
+
+    Raises:
+        CacheError: a shard is missing, unreadable, or holds another number of samples than the manifest lists.
+    """
+    k = len(cache.manifest["class_names"]) - 1
+    rows = [np.zeros((0, k + 1), np.int64)]
+    offset = 0
+    for s, shard in enumerate(cache.manifest["shards"]):
+        rows += [c[None] for _, c in read_shard(cache, s, offset, shard["n_samples"], read=read_class_counts)]
+        offset += shard["n_samples"]
+    return np.concatenate(rows)
 
 
 def prepare_sample(index: int, sample, v: int, spec: dict) -> dict:
