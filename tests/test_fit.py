@@ -256,3 +256,16 @@ def test_bad_caches_are_refused_in_one_line(caches, tmp_path):
     res = runner.invoke(app, ["score", str(run), "--cache", str(caches["val"]), "--workers", "0"])
     again = runner.invoke(app, ["score", str(run), "--cache", str(caches["val"]), "--workers", "0"])
     assert res.exit_code == 0 and again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_oversampling_reaches_the_training_loop(caches, tmp_path):
+    five = tmp_path / "five"
+    extract(ExtractConfig(dataset="synthetic", out=str(five), encoder="test_vit", weights="random", device="cpu",
+                          num_workers=0, shard_size=4, batch_size=4,
+                          dataset_options={"n_tiles": 8, "seed": 2, "size": 64, "n_types": 5}))
+    steps = []
+    fit_decoder(FitConfig(out=str(tmp_path / "run"), cache=str(five), epochs=1, batch_size=4, device="cpu",
+                          num_workers=0, oversample="cisca-pannuke"), on_step=steps.append)
+    assert sum(steps) > 8  # the oversampled list is longer than the 8 tiles
+    with pytest.raises(ValueError, match="cisca-conic.*5 multipliers.*cache classes"):
+        fit_decoder(_config(caches, tmp_path / "bad", oversample="cisca-conic"))
