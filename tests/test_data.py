@@ -120,6 +120,19 @@ def test_pannuke_wrong_shape_names_the_file(tmp_path):
     assert str(bad) in one_line(err)
 
 
+def test_pannuke_nan_image_names_the_file_and_tile(tmp_path):
+    write_pannuke(tmp_path, folds=(1,))
+    path = tmp_path / "Fold 1" / "images" / "fold1" / "images.npy"
+    images = np.load(path)
+    images[1, 5, 5, 0] = np.nan
+    np.save(path, images)
+    source = open_dataset("pannuke", tmp_path)
+    assert source[0].image.dtype == np.uint8  # other tiles still read
+    with pytest.raises(ValueError) as err:
+        source[1]
+    assert f"{path}[1]" in one_line(err) and "NaN" in one_line(err)
+
+
 # ---------------------------------------------------------------- CoNIC
 
 def test_conic_reads_uint16_labels_and_patch_names(tmp_path):

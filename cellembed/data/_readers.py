@@ -92,7 +92,11 @@ class PanNukeSource(TileSource):
     def _load(self, i: int) -> Tile:
         k, j = self._fold_of[i], self._local[i]
         images, masks = self._arrays(k)
-        image = np.clip(np.asarray(images[j]), 0, 255).astype(np.uint8)
+        raw = np.asarray(images[j])
+        if raw.dtype.kind == "f" and not np.isfinite(raw).all():
+            raise ValueError(f"{_pannuke_paths(self.root, k)['images']}[{j}]: NaN or Inf in the image; fix or "
+                             "drop that tile (a folds.csv can leave it out)")
+        image = np.clip(raw, 0, 255).astype(np.uint8)
         inst, types = combine_pannuke_channels(np.asarray(masks[j]))
         where = f"{_pannuke_paths(self.root, k)['masks']}[{j}]"
         return finish_tile(self.keys[i], image, inst, types, self._meta(i), len(self.class_names), where)
