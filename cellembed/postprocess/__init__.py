@@ -9,10 +9,12 @@
     >>> int(cisca_instances(onehot, t.directions, None, CISCA_PRESETS["40x"])[0].max())
     2
 
-Hot loops (labelling, size filters, seed rescue, binary morphology, the 5x5 correlations, the
-watershed in scikit-image's exact flooding order, per-instance voting) are numba kernels in
-``_kernels`` behind the wrappers of ``_ops``; ``_reference`` holds the scipy / scikit-image twins,
-and both paths return identical arrays.
+Every step is a numba kernel (``_kernels``: labelling, size filters, seed rescue, binary morphology,
+the watershed in scikit-image's exact flooding order, voting; ``_filter_kernels``: min-max scaling, the
+5x5 and Sobel correlations, blurs, landscapes, x2 resizing) behind the stage functions of ``_cisca`` /
+``_hover`` and the validating wrappers of ``_ops``. ``_reference`` holds the scipy / scikit-image twins,
+stage by stage; both paths return identical arrays (float stages bit for bit). Only scikit-image's
+``skeletonize`` (CISCA's seed cut) is shared.
 """
 
 from ._cisca import cisca_instances

@@ -1,5 +1,6 @@
-"""Float stages shared by the fast path and the twins: min-max scaling, the directional-derivative and
-Sobel filters, the 3x3 Gaussian, bilinear x2 resizing (OpenCV conventions, reflect-101 borders)."""
+"""Float stages of the twins (scipy): min-max scaling, the directional-derivative and Sobel filters, the
+3x3 Gaussian, bilinear x2 resizing (OpenCV conventions, reflect-101 borders). The numba path repeats
+them bit for bit in ``_filter_kernels``; the kernel builders here serve both."""
 
 from __future__ import annotations
 
@@ -41,21 +42,20 @@ def correlate(x: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     return ndi.correlate(np.asarray(x, np.float64), kernel, mode="mirror")
 
 
-def contour_map(directions: np.ndarray, fg: np.ndarray, corr=None) -> np.ndarray:
+def contour_map(directions: np.ndarray, fg: np.ndarray) -> np.ndarray:
     """CISCA's gradient contour map (CISCA.md §3 step 2), before thresholding.
 
     Args:
         directions: (K, H, W) float maps h, v[, tl, bl] (K = 2 or 4).
         fg: (H, W) bool foreground.
-        corr: the correlation function (default ``correlate``; the fast path passes its numba twin).
 
     Returns:
         (H, W) float64 in [0, 1], 0 outside ``fg``; high on contours between and around cells.
     """
-    kernels, corr = directional_kernels(), corr or correlate
+    kernels = directional_kernels()
     out = np.zeros(fg.shape, np.float64)
     for k in range(directions.shape[0]):
-        resp = 1.0 - minmax(corr(minmax(directions[k]), kernels[k]))
+        resp = 1.0 - minmax(correlate(minmax(directions[k]), kernels[k]))
         np.maximum(out, resp, out=out)
     return np.clip(out - (1.0 - fg), 0.0, None)
 

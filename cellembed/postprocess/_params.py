@@ -18,8 +18,8 @@ class CiscaParams:
         erosion_radius: radius of the disk that erodes the seeds (one iteration).
         min_seed_size: seeds smaller than this are dropped after erosion (min_resid_size).
         opening: footprint of the watershed-mask opening, "square" (3x3) or "cross" (disk(1)).
-        mix_weight: landscape weight of the body probability (distmapweight); 1 - it on the blurred
-            interior indicator.
+        mix_weight: distmapweight, the landscape weight of the blurred interior term; 1 - it on the
+            body term, as in CISCA's code (0.5, so the two are equal).
         fg_threshold: foreground when P_boundary + P_body >= this.
     """
 

@@ -1,8 +1,9 @@
 """Numpy / scipy / scikit-image twins: the executable specification of the numba path.
 
-``cisca_instances_reference`` follows CISCA.md §3 step by step; ``hover_instances_reference`` follows
-HoVer-Net's ``__proc_np_hv`` (METRICS.md §3.1). The fast path in ``_cisca`` / ``_hover`` must return
-identical arrays.
+``cisca_instances_reference`` follows CISCA's released ``postprocess`` (CISCA.md §3) step by step;
+``hover_raw_reference`` follows HoVer-Net's ``__proc_np_hv`` (METRICS.md §3.1). Each pipeline is a chain
+of stage functions (the benchmark times them one by one); the fast path in ``_cisca`` / ``_hover`` has the
+same stages and must return identical arrays.
 """
 
 from __future__ import annotations
@@ -31,28 +32,73 @@ def remove_small_reference(labels: np.ndarray, min_area: int) -> np.ndarray:
 
 
 def opening_reference(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
-    """Binary opening; outside the tile counts as foreground for the erosion (OpenCV / skimage)."""
+    """OpenCV's ``MORPH_OPEN``: outside the tile counts as foreground for the erosion (HoVer-Net)."""
     eroded = ndi.binary_erosion(mask, footprint, border_value=1)
     return ndi.binary_dilation(eroded, footprint, border_value=0)
 
 
+# ---------------------------------------------------------------- CISCA (CISCA.md §3)
+
+
+def cisca_contours_reference(classes_prob: np.ndarray, directions: np.ndarray, p: CiscaParams):
+    """Steps 1-2: foreground FG = P_boundary + P_body >= 0.5 and thresholded contours Cth (both (H, W) bool)."""
+    fg = classes_prob[0].astype(np.float64) + classes_prob[1] >= p.fg_threshold
+    return fg, _filters.contour_map(directions, fg) >= p.contour_threshold
+
+
+def cisca_landscape_reference(classes_prob: np.ndarray, fg: np.ndarray, cth: np.ndarray, p: CiscaParams):
+    """Step 3: E = (1 - w)·255·(1 - P_body) + w·255·(1 - blur(FG ∧ ¬Cth)), w = distmapweight; (H, W) float64."""
+    interior = _filters.blur3((fg & ~cth).astype(np.float64))
+    body = classes_prob[1].astype(np.float64)
+    w = p.mix_weight
+    return (1.0 - w) * 255.0 * (1.0 - body) + w * 255.0 * (1.0 - interior)
+
+
 def cisca_seeds_reference(classes_prob: np.ndarray, cth: np.ndarray, p: CiscaParams) -> np.ndarray:
-    """CISCA.md §3 step 4: seeds (markers), (H, W) int32 numbered 1..n in raster order."""
+    """Step 4: markers, (H, W) int32 numbered 1..n in raster order.
+
+    Body argmax, cut where Cth meets its dilated skeleton, components (8-conn) under A_min/4 dropped,
+    eroded once by the marker disk with wholly vanished components kept, pieces within ~2 px grouped
+    and groups under ``min_seed_size`` kept pixels dropped; the survivors are then relabelled as
+    8-connected components, as CISCA's final ``label(img_rc, connectivity=2)`` does (so grouped pieces
+    that do not touch become separate markers again).
+    """
     body = classes_prob[1]
     seeds = (body > classes_prob[0]) & (body > classes_prob[2])
     cut = ndi.binary_dilation(skeletonize(cth), np.ones((p.skeleton_square,) * 2, bool))
     seeds &= ~(cth & cut)
-    labels = remove_small_reference(ndi.label(seeds, EIGHT)[0], p.seed_min_area)
-    seeds = labels > 0
+    seeds = remove_small_reference(ndi.label(seeds, EIGHT)[0], p.seed_min_area) > 0
     eroded = ndi.binary_erosion(seeds, disk(p.erosion_radius).astype(bool), border_value=1)
     vanished = seeds & ~ndi.binary_propagation(eroded, EIGHT, mask=seeds)
     kept = eroded | vanished
-    grouped = ndi.label(ndi.binary_dilation(kept, CROSS), EIGHT)[0]
-    return remove_small_reference(np.where(kept, grouped, 0), p.min_seed_size)
+    groups = ndi.label(ndi.binary_dilation(kept, CROSS) if p.erosion_radius > 0 else kept, EIGHT)[0]
+    kept = remove_small_reference(np.where(kept, groups, 0), p.min_seed_size) > 0
+    return ndi.label(kept, EIGHT)[0].astype(np.int32)
+
+
+def cisca_mask_reference(classes_prob: np.ndarray, p: CiscaParams) -> np.ndarray:
+    """Step 5: M = P_boundary + P_body > P_background, then ``ndimage.binary_opening`` (border 0).
+
+    CISCA's "fill holes under 5 px" is ``remove_small_objects`` on the 0/1 integer complement, which sees
+    the whole background as one object: it fills only a background of 1-4 pixels in total.
+    """
+    mask = classes_prob[0].astype(np.float64) + classes_prob[1] > classes_prob[2]
+    if 0 < mask.size - np.count_nonzero(mask) < 5:
+        mask = np.ones_like(mask)
+    return ndi.binary_opening(mask, EIGHT if p.opening == "square" else CROSS)
+
+
+def cisca_size_filter_reference(inst: np.ndarray, min_area: int) -> np.ndarray:
+    """Step 7: ids under A_min px, and 4-connected components of the union under A_min px, are deleted
+    (CISCA multiplies the two ``remove_small_objects`` results); relabel 1..n in id order."""
+    kept = np.where(np.bincount(inst.ravel())[inst] >= min_area, inst, 0)
+    comps = ndi.label(inst > 0)[0]
+    kept = np.where(np.bincount(comps.ravel())[comps] >= min_area, kept, 0)
+    return relabel_sequential(kept)[0].astype(np.int32)
 
 
 def vote_types_reference(inst: np.ndarray, types_prob: np.ndarray | None) -> np.ndarray:
-    """CISCA.md §3 step 8: soft voting per instance; background wins fall back to the best real type.
+    """Step 8: soft voting per instance; background wins fall back to the best real type.
 
     Returns:
         (H, W) uint8 type map (1 on every instance when ``types_prob`` is None).
@@ -69,55 +115,50 @@ def vote_types_reference(inst: np.ndarray, types_prob: np.ndarray | None) -> np.
     return best.astype(np.uint8)[inst]
 
 
-def cisca_landscape(classes_prob: np.ndarray, directions: np.ndarray, p: CiscaParams, corr=None):
-    """CISCA.md §3 steps 1-3 and 5: foreground, thresholded contours, landscape E, watershed mask.
-
-    ``corr``: correlation function for the contour filters (default scipy's).
-
-    Returns:
-        (cth (H, W) bool, landscape (H, W) float64, mask (H, W) bool before the opening).
-    """
-    cell = classes_prob[0].astype(np.float64) + classes_prob[1]
-    fg = cell >= p.fg_threshold
-    cth = _filters.contour_map(directions, fg, corr) >= p.contour_threshold
-    interior = _filters.blur3((fg & ~cth).astype(np.float64))
-    w = p.mix_weight
-    land = w * 255.0 * (1.0 - classes_prob[1]) + (1.0 - w) * 255.0 * (1.0 - interior)
-    return cth, land, cell > classes_prob[2]
-
-
 def cisca_instances_reference(classes_prob, directions, types_prob, params: CiscaParams):
     """Twin of ``cisca_instances`` (same contract), built from scipy / scikit-image calls."""
     p = params
-    cth, land, mask = cisca_landscape(classes_prob, directions, p)
+    classes_prob, directions = np.asarray(classes_prob, np.float32), np.asarray(directions, np.float32)
+    types_prob = None if types_prob is None else np.asarray(types_prob, np.float32)
+    fg, cth = cisca_contours_reference(classes_prob, directions, p)
+    land = cisca_landscape_reference(classes_prob, fg, cth, p)
     markers = cisca_seeds_reference(classes_prob, cth, p)
-    mask = opening_reference(mask, EIGHT if p.opening == "square" else CROSS)
+    mask = cisca_mask_reference(classes_prob, p)
     inst = watershed(land, markers, mask=mask, connectivity=2)
-    inst = remove_small_reference(inst, p.min_area)
+    inst = cisca_size_filter_reference(inst, p.min_area)
     return inst, vote_types_reference(inst, types_prob)
 
 
-def hover_energy(np_prob: np.ndarray, hv: np.ndarray, p: HoverParams):
-    """HoVer-Net steps 1-6: cleaned foreground, boundary energy and the landscape ``dist``.
+# ---------------------------------------------------------------- HoVer-Net (METRICS.md §3.1)
 
-    Returns:
-        (blb (H, W) bool, overall (H, W) float64, dist (H, W) float64).
-    """
+
+def hover_foreground_reference(np_prob: np.ndarray, p: HoverParams) -> np.ndarray:
+    """Step 1: NP >= 0.5 without 4-connected components under ``min_fg`` px, (H, W) bool."""
     blb = np.asarray(np_prob) >= p.np_threshold
-    blb = remove_small_reference(ndi.label(blb)[0], p.min_fg) > 0
+    return remove_small_reference(ndi.label(blb)[0], p.min_fg) > 0
+
+
+def hover_energy_reference(blb: np.ndarray, hv: np.ndarray, p: HoverParams):
+    """Steps 2-6: boundary energy ``overall`` and the landscape ``dist``, both (H, W) float64."""
     sh = 1.0 - _filters.minmax(_filters.sobel(_filters.minmax(hv[0]), 1, p.ksize))
     sv = 1.0 - _filters.minmax(_filters.sobel(_filters.minmax(hv[1]), 0, p.ksize))
     overall = np.clip(np.maximum(sh, sv) - (1.0 - blb), 0.0, None)
     dist = -_filters.blur3((1.0 - overall) * blb)
-    return blb, overall, dist
+    return overall, dist
+
+
+def hover_markers_reference(blb: np.ndarray, overall: np.ndarray, p: HoverParams) -> np.ndarray:
+    """Step 7: FG ∧ energy < 0.4, holes filled, opened (5x5 ellipse), 4-connected, >= ``min_marker`` px."""
+    marker = ndi.binary_fill_holes(blb & (overall < p.energy_threshold))
+    marker = opening_reference(marker, ELLIPSE5)
+    return remove_small_reference(ndi.label(marker)[0], p.min_marker)
 
 
 def hover_raw_reference(np_prob: np.ndarray, hv: np.ndarray, p: HoverParams) -> np.ndarray:
     """HoVer-Net ``__proc_np_hv`` twin: (H, W) int32 instances (ids ascending, raster order of markers)."""
-    blb, overall, dist = hover_energy(np_prob, hv, p)
-    marker = ndi.binary_fill_holes(blb & (overall < p.energy_threshold))
-    marker = opening_reference(marker, ELLIPSE5)
-    marker = remove_small_reference(ndi.label(marker)[0], p.min_marker)
+    blb = hover_foreground_reference(np_prob, p)
+    overall, dist = hover_energy_reference(blb, hv, p)
+    marker = hover_markers_reference(blb, overall, p)
     return watershed(dist, marker, mask=blb, connectivity=1).astype(np.int32)
 
 
