@@ -41,12 +41,15 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
           debug: bool = typer.Option(False, "--debug", help="Show full tracebacks instead of one-line errors "
                                      "(also CELLEMBED_DEBUG=1).")):
     """Frozen vision foundation models for cell segmentation: extract features once, train decoders from the cache."""
-    if debug:
-        os.environ["CELLEMBED_DEBUG"] = "1"
+    global _DEBUG
+    _DEBUG = debug
+
+
+_DEBUG = False  # set by --debug for this invocation
 
 
 def _fail(err: BaseException) -> None:
-    if os.environ.get("CELLEMBED_DEBUG"):
+    if _DEBUG or os.environ.get("CELLEMBED_DEBUG"):
         raise err
     message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
     console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)

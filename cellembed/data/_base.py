@@ -223,7 +223,10 @@ def finish_tile(key: str, image: np.ndarray, inst: np.ndarray, types: np.ndarray
     if inst.shape != image.shape[:2]:
         raise ValueError(f"{where}: instance map {inst.shape} does not match image {image.shape[:2]}")
     _check_integral(inst, where, "instance map")
-    inst_map = relabel(inst)
+    try:
+        inst_map = relabel(inst)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
     if types is None:
         return Tile(key, image, inst_map, (inst_map > 0).astype(np.uint8), meta)
     if types.shape != inst.shape:

@@ -59,6 +59,8 @@ class FolderSource(TileSource):
         if not (root / "images").is_dir():
             raise FileNotFoundError(f"folder: missing {root / 'images'}; {_HINT}")
         images = stems_by_ext(root / "images", IMAGE_EXTS)
+        if not images:
+            raise FileNotFoundError(f"folder: no images ({', '.join(IMAGE_EXTS)}) in {root / 'images'}; {_HINT}")
         self.layout = "npz" if (root / "labels.npz").is_file() else "files"
         if self.layout == "npz":
             keys, has_types, npz_classes = self._scan_npz(root, images)

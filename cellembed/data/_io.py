@@ -26,16 +26,25 @@ def read_rgb(path: Path) -> np.ndarray:
     Raises:
         ValueError: not 8-bit, or not grey/RGB/RGBA (names the file).
     """
-    if path.suffix.lower() in (".tif", ".tiff"):
-        import tifffile
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
 
-        return _to_rgb(np.asarray(tifffile.imread(path)), path)
-    from PIL import Image
+            return _to_rgb(np.asarray(tifffile.imread(path)), path)
+        from PIL import Image
 
-    with Image.open(path) as img:
-        if img.mode not in _PIL_8BIT_MODES:
-            raise ValueError(f"{path}: image mode {img.mode!r} is not 8-bit; cellembed reads 8-bit RGB images")
-        return np.asarray(img.convert("RGB"), dtype=np.uint8)
+        with Image.open(path) as img:
+            if img.mode not in _PIL_8BIT_MODES:
+                raise ValueError(f"{path}: image mode {img.mode!r} is not 8-bit; cellembed reads 8-bit RGB images")
+            return np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise
+    except ValueError as err:
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: unreadable image ({err})") from None
+    except (OSError, SyntaxError, EOFError) as err:  # PIL / tifffile on a damaged or foreign file
+        raise ValueError(f"{path}: unreadable image ({type(err).__name__}: {err}); replace or remove it") from None
 
 
 def _to_rgb(arr: np.ndarray, path: Path) -> np.ndarray:
