@@ -124,6 +124,8 @@ def extract(
                                      "(synthetic: n_tiles, seed, size; cytodark0: magnification, size; folder: "
                                      "group_regex, e.g. '(.+)_\\d+$' to group tiles by source image)."),
     overwrite: bool = typer.Option(False, help="Replace a different cache already in --out."),
+    repair: bool = typer.Option(False, help="Check a finished cache against its manifest and re-extract only the "
+                                "missing, truncated or corrupt shards (same options as the run that made it)."),
     rank: int | None = typer.Option(None, help="This process's rank (default: $RANK or 0)."),
     world_size: int | None = typer.Option(None, help="Number of processes (default: $WORLD_SIZE or 1)."),
 ):
@@ -146,6 +148,10 @@ def extract(
     rate = result.n_written / max(result.encode_seconds, 1e-9)
     console.print(f"[green]cache[/] {result.out}  key {result.cache_key}  tiles {result.n_tiles}  "
                   f"encoded now {result.n_written} ({rate:.1f} tiles/s)  reused {result.n_skipped}")
+    if cfg.repair:
+        console.print(f"[green]repaired[/] {len(result.rewritten)} shard(s): {', '.join(result.rewritten) or 'none needed'}"
+                      + (f"; [yellow]bytes differ from the old manifest:[/] {', '.join(result.changed)}"
+                         if result.changed else ""))
     if result.manifest is None:
         console.print("[yellow]manifest pending:[/] other ranks are still writing; the last to finish writes it")
 

@@ -234,3 +234,157 @@ def test_killed_cli_extraction_resumes(tmp_path):
     assert f"reused {4 * kept}" in " ".join(done.stderr.split())
     fresh = extract(config(tmp_path / "fresh", batch_size=1, dataset_options={"n_tiles": n, "seed": 3, "size": 64}))
     assert read_manifest(tmp_path / "c") == fresh.manifest
+
+
+def shard_files(out) -> dict[str, str]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("shard-*.tar"))}
+
+
+def damage(path, how: str) -> None:
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[:700])
+    else:
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("how", ["corrupt", "truncate", "delete"])
+def test_repair_rewrites_only_the_bad_shard(reference, tmp_path, how):
+    import os
+
+    ref, _ = reference
+    out = tmp_path / "c"
+    extract(config(out))
+    for path in list(out.glob("shard-*.tar")) + list((out / ".parts").glob("shard-*.json")):
+        os.utime(path, ns=(10**18, 10**18))  # any rewrite would move these
+    damage(out / "shard-00-000001.tar", how)
+    result = extract(config(out, repair=True))
+    assert result.rewritten == ("shard-00-000001.tar",) and result.changed == ()
+    assert result.n_written == 4 and result.n_skipped == N_TILES - 4
+    touched = sorted(p.name for p in list(out.glob("shard-*.tar")) + list((out / ".parts").glob("shard-*.json"))
+                     if p.stat().st_mtime_ns != 10**18)
+    assert touched == ["shard-00-000001.tar", "shard-00-000001.tar.json"]
+    assert read_manifest(out) == read_manifest(ref) and shard_files(out) == shard_files(ref)
+    assert verify_cache(out).ok
+
+
+def test_plain_rerun_also_rebuilds_a_shard_damaged_after_the_manifest(reference, tmp_path):
+    ref, _ = reference
+    extract(config(tmp_path / "c"))
+    damage(tmp_path / "c" / "shard-00-000002.tar", "truncate")
+    again = extract(config(tmp_path / "c"))
+    assert again.rewritten == ("shard-00-000002.tar",) and shard_files(tmp_path / "c") == shard_files(ref)
+
+
+def test_repair_rebuilds_lost_shard_records_without_encoding(reference, tmp_path):
+    import shutil
+
+    ref, _ = reference
+    out = tmp_path / "c"
+    extract(config(out))
+    records = {p.name: p.read_text() for p in (out / ".parts").glob("shard-*.json")}
+    shutil.rmtree(out / ".parts")  # e.g. a copy that skipped hidden folders
+    result = extract(config(out, repair=True))
+    assert result.n_written == 0 and result.rewritten == ()
+    assert {p.name: p.read_text() for p in (out / ".parts").glob("shard-*.json")} == records
+    assert read_manifest(out) == read_manifest(ref)
+
+
+def test_repair_keeps_the_names_other_ranks_wrote(tmp_path):
+    out = tmp_path / "c"
+    extract(config(out, rank=1, world_size=2))
+    extract(config(out, rank=0, world_size=2))
+    before, files = read_manifest(out), shard_files(out)
+    damage(out / "shard-01-000001.tar", "corrupt")
+    result = extract(config(out, repair=True))  # one process repairs what rank 1 wrote
+    assert result.rewritten == ("shard-01-000001.tar",)
+    assert read_manifest(out) == before and shard_files(out) == files
+
+
+def test_repair_of_an_unfinished_cache_resumes_it(reference, tmp_path):
+    ref, _ = reference
+
+    def stop_after_five(done, total, nbytes):
+        if done >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(config(tmp_path / "c"), progress=stop_after_five)
+    result = extract(config(tmp_path / "c", repair=True))
+    assert result.n_skipped > 0 and read_manifest(tmp_path / "c") == read_manifest(ref)
+
+
+def test_repair_refuses_what_it_cannot_repair(reference, tmp_path):
+    with pytest.raises(CacheError, match="no cache to repair"):
+        extract(config(tmp_path / "missing", repair=True))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CacheError, match="no cache to repair"):
+        extract(config(tmp_path / "empty", repair=True))
+    with pytest.raises(ValueError, match="--repair.*--overwrite"):
+        extract(config(tmp_path / "c", repair=True, overwrite=True))
+    extract(config(tmp_path / "c"))
+    with pytest.raises(CacheError, match=r"encoder\.blocks"):
+        extract(config(tmp_path / "c", blocks="0,1", repair=True))
+
+
+def test_workers_write_the_same_bytes_as_the_main_process(reference, tmp_path):
+    ref, _ = reference
+    extract(config(tmp_path / "c", num_workers=1))  # PNG and GT encoded in a worker, not the writer thread
+    assert shard_files(tmp_path / "c") == shard_files(ref)
+
+
+def test_non_finite_features_stop_extraction_keeping_finished_shards(tmp_path, monkeypatch):
+    from cellembed.cache import _extract
+
+    forward, calls = _extract._forward, {"n": 0}
+
+    def overflowing(encoder, images, dtype, device):
+        output = forward(encoder, images, dtype, device)
+        calls["n"] += 1
+        if calls["n"] == 3:  # tiles 4-6, the first batch of shard 1
+            output.feats[1][1, 0, 0, 0] = 1e6  # finite in float32, inf in fp16
+        return output
+
+    monkeypatch.setattr(_extract, "_forward", overflowing)
+    with pytest.raises(CacheError, match=r"non-finite features at block_\d+ for tiles \['synth_3_00005'\] "
+                                         r"\(values exceed the fp16 range"):
+        extract(config(tmp_path / "c"))
+    assert [p.name for p in (tmp_path / "c").glob("shard-*.tar")] == ["shard-00-000000.tar"]
+    assert not list((tmp_path / "c").glob(".*.tmp"))
+
+
+def test_png_is_standard_and_lossless():
+    import io
+
+    from PIL import Image
+
+    from cellembed.cache._codec import encode_image
+
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1, 3), (3, 7, 3), (64, 64, 3)]:
+        image = rng.integers(0, 256, shape, dtype=np.uint8)
+        data = encode_image(image)
+        Image.open(io.BytesIO(data)).verify()  # chunk CRCs and structure
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), image)
+        assert encode_image(image) == data
+    with pytest.raises(ValueError, match="uint8"):
+        encode_image(np.zeros((4, 4), np.uint8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_channel_statistics_are_exact_for_each_storage_dtype(dtype):
+    from cellembed.cache._writer import ChannelStats
+
+    feats = (torch.randn(5, 3, 4, generator=torch.Generator().manual_seed(0)) * 100).to(dtype)
+    stats = ChannelStats(["block_0"])
+    stats.add({"block_0": feats})
+    rec = stats.record()["block_0"]
+    f = feats.double().flatten(1)
+    assert rec["count"] == 12
+    np.testing.assert_allclose(rec["sum"], f.sum(1).numpy(), rtol=1e-12)
+    np.testing.assert_allclose(rec["sumsq"], (f * f).sum(1).numpy(), rtol=1e-12)

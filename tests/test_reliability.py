@@ -124,3 +124,25 @@ def test_rgba_and_grey_png_are_read_as_rgb(tmp_path):
     Image.fromarray(np.zeros((*size, 4), np.uint8)).save(root / "images" / "t_2.png")
     result = _extract(root, tmp_path / "cache")
     assert result.exit_code == 0, result.output
+
+
+def test_corrupt_shard_refused_by_fit_then_repaired_by_extract_repair(tmp_path):
+    from cellembed.cache import read_manifest
+
+    synth = ["--dataset", "synthetic", "-o", "n_tiles=8", "-o", "size=64", "--encoder", "test_vit", "--weights",
+             "random", "--device", "cpu", "--workers", "0", "--shard-size", "4", "--out", str(tmp_path / "c")]
+    assert runner.invoke(app, ["extract", *synth]).exit_code == 0
+    before = read_manifest(tmp_path / "c")
+    shard = tmp_path / "c" / before["shards"][1]["name"]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x5A
+    shard.write_bytes(bytes(data))
+    fit = ["fit-decoder", str(tmp_path / "c"), "--out", str(tmp_path / "run"), "--epochs", "1", "--workers", "0",
+           "--device", "cpu", "--memory", "stream", "--batch-size", "4"]
+    refused = runner.invoke(app, fit)
+    text = " ".join(refused.output.split())
+    assert refused.exit_code == 2 and shard.name in text and "--repair" in text, text
+    repaired = runner.invoke(app, ["extract", *synth, "--repair"])
+    assert repaired.exit_code == 0 and f"repaired 1 shard(s): {shard.name}" in " ".join(repaired.output.split())
+    assert read_manifest(tmp_path / "c") == before
+    assert runner.invoke(app, fit).exit_code == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -11,12 +12,13 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 
-from cellembed.cache._codec import encode_gt, encode_image
-from cellembed.cache._layout import (existing_shard, prepare_out, remove_stale,
-                                     shard_done)
+from cellembed.cache._codec import encode_gt, encode_image, prefix_name
+from cellembed.cache._layout import existing_shard, has_cache, plan_repair, prepare_out, remove_stale, shard_done
 from cellembed.cache._manifest import (FORMAT_VERSION, MANIFEST, CacheError, build_manifest, cache_key, read_json,
                                        shard_name, sidecar_path, write_json_atomic)
-from cellembed.cache._writer import BackgroundWriter, EncodedTile
+from cellembed.cache._writer import BackgroundWriter, PendingBatch, unpack_batch
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -43,6 +45,7 @@ class ExtractConfig:
     num_workers: int = 2
     shard_size: int = 256
     overwrite: bool = False
+    repair: bool = False
     rank: int | None = None
     world_size: int | None = None
     dataset_options: dict = field(default_factory=dict)
@@ -60,6 +63,9 @@ class ExtractResult(NamedTuple):
         seconds: wall time of this process, start-up included.
         encode_seconds: wall time of the encode-and-write loop alone (what tiles/s should be measured on).
         manifest: the manifest, or None while other ranks are still writing their shards.
+        rewritten: names of the shards this process wrote now.
+        changed: with ``repair``: rewritten shards whose sha256 differs from the old manifest's (another batch
+            size, device or library version than the original run); the new manifest lists their new bytes.
     """
 
     out: Path
@@ -70,6 +76,8 @@ class ExtractResult(NamedTuple):
     seconds: float
     encode_seconds: float
     manifest: dict | None
+    rewritten: tuple[str, ...] = ()
+    changed: tuple[str, ...] = ()
 
 
 def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractResult:
@@ -77,7 +85,9 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
 
     Resumable (finished shards that verify are kept), atomic per shard, and rank-aware: under ``torchrun``
     or with ``rank``/``world_size`` each process writes a disjoint set of shards, and the manifest is written
-    once every shard exists.
+    once every shard exists. With ``repair``, a finished cache is checked against its manifest and only the
+    shards that are missing, truncated or corrupt are re-extracted, under their old names (see
+    :func:`~cellembed.cache._layout.plan_repair`).
     """
     from cellembed.data import open_dataset, resolve_split
     from cellembed.encoders import build_encoder
@@ -87,6 +97,8 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     device = _pick_device(config.device)
     if config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; choose one of {', '.join(DTYPES)}")
+    if config.repair and config.overwrite:
+        raise ValueError("--repair keeps an existing cache and --overwrite replaces it; pass one of them")
     if config.folds and config.split == "all":
         raise ValueError("--folds only selects tiles together with --split train|val|test (with --split all every "
                          "tile is extracted)")
@@ -100,20 +112,47 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     keys = [source.keys[i] for i in selection.indices]
     header = _header(config, source, selection, encoder, keys, tile_size, device)
     out = Path(config.out)
+    if config.repair and not has_cache(out):
+        raise CacheError(f"{out}: no cache to repair (no manifest.json); run extract without --repair")
+    old = read_json(out / MANIFEST, MANIFEST) if config.repair and (out / MANIFEST).is_file() else None
     prepare_out(out, header, config.overwrite, rank)
     plan = _plan(len(keys), config.shard_size)
     mine = [s for s in plan if s[0] % world == rank]
-    todo = [s for s in mine if not shard_done(out, s[0], header["cache_key"])]
+    todo, names = _pending_shards(out, header, mine, config.repair)
     n_skipped = sum(s[2] - s[1] for s in mine if s not in todo)
-    remove_stale(out, todo)
-    plan_out = [(shard_name(rank, i), i, stop - start) for i, start, stop in todo]
+    plan_out = [(names.get(i, shard_name(rank, i)), i, stop - start) for i, start, stop in todo]
     t_loop = time.perf_counter()
     n_written = _run(encoder, source, selection.indices, todo, plan_out, header, out, config, device, progress,
                      n_skipped, sum(s[2] - s[1] for s in mine))
     t_done = time.perf_counter()
-    manifest = _finalize(out, header, len(plan), rank, world)
+    manifest = _finalize(out, header, len(plan), rank, world, names)
+    rewritten = tuple(name for name, _, _ in plan_out)
+    changed = _changed_shards(old, manifest, rewritten)
     return ExtractResult(out, header["cache_key"], len(keys), n_written, n_skipped, time.perf_counter() - t0,
-                         t_done - t_loop, manifest)
+                         t_done - t_loop, manifest, rewritten, changed)
+
+
+def _pending_shards(out: Path, header: dict, mine: list, repair: bool) -> tuple[list, dict[int, str]]:
+    """The shards of ``mine`` to (re-)extract, leftovers of them removed, and known shard names (repair)."""
+    if repair:
+        todo, names = plan_repair(out, header["cache_key"], mine, [lv["name"] for lv in header["levels"]])
+    else:
+        todo, names = [s for s in mine if not shard_done(out, s[0], header["cache_key"])], {}
+    remove_stale(out, todo)
+    return todo, names
+
+
+def _changed_shards(old: dict | None, new: dict | None, rewritten: tuple[str, ...]) -> tuple[str, ...]:
+    """Rewritten shards whose bytes differ from the old manifest's entry (a repair under other settings)."""
+    if old is None or new is None:
+        return ()
+    before = {s["name"]: s["sha256"] for s in old.get("shards", [])}
+    after = {s["name"]: s["sha256"] for s in new["shards"]}
+    changed = tuple(n for n in rewritten if n in before and before[n] != after.get(n))
+    if changed:
+        log.warning("repaired shards %s differ from the old manifest (features depend on batch size, device and "
+                    "library versions); the manifest now lists their new bytes", ", ".join(changed))
+    return changed
 
 
 def _rank_and_world(config: ExtractConfig) -> tuple[int, int]:
@@ -199,25 +238,12 @@ def _plan(n_tiles: int, shard_size: int) -> list[tuple[int, int, int]]:
     return [(i, start, min(start + shard_size, n_tiles)) for i, start in enumerate(range(0, n_tiles, shard_size))]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 class _TileItems(torch.utils.data.Dataset):
-    """Decodes tiles in DataLoader workers: uint8 image tensor plus the encoded GT and PNG for the writer."""
+    """Decodes tiles for the DataLoader: uint8 image tensor, plus the PNG and GT either encoded here (in
+    worker processes) or left as arrays for the writer thread to encode (``encode=False``, no workers)."""
 
-    def __init__(self, source, indices: list[int], tile_size: int):
-        self.source, self.indices, self.tile_size = source, indices, tile_size
+    def __init__(self, source, indices: list[int], tile_size: int, encode: bool):
+        self.source, self.indices, self.tile_size, self.encode = source, indices, tile_size, encode
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -225,8 +251,10 @@ class _TileItems(torch.utils.data.Dataset):
     def __getitem__(self, pos: int) -> dict:
         tile = self.source[self.indices[pos]]
         _check_tile(tile, self.tile_size)
-        return {"pos": pos, "key": tile.key, "image": torch.from_numpy(np.ascontiguousarray(tile.image)),
-                "gt": encode_gt(tile.inst_map, tile.type_map), "png": encode_image(tile.image), "meta": tile.meta}
+        image = np.ascontiguousarray(tile.image)
+        png, gt = (encode_image(image), encode_gt(tile.inst_map, tile.type_map)) if self.encode else \
+            (image, (tile.inst_map, tile.type_map))
+        return {"pos": pos, "key": tile.key, "image": image, "gt": gt, "png": png, "meta": tile.meta}
 
 
 def _check_tile(tile, size: int) -> None:
@@ -246,8 +274,11 @@ def _ignore_sigint(_worker_id: int) -> None:
 
 
 def _collate(items: list[dict]) -> dict:
+    """Lists per key, and the images as one (N, 3, H, W) uint8 tensor (transposed by numpy: torch's strided
+    uint8 copy is ~100x slower, milliseconds per tile)."""
     batch = {k: [it[k] for it in items] for k in items[0] if k != "image"}
-    batch["image"] = torch.stack([it["image"] for it in items]).permute(0, 3, 1, 2).contiguous()
+    images = np.stack([it["image"] for it in items]).transpose(0, 3, 1, 2)
+    batch["image"] = torch.from_numpy(np.ascontiguousarray(images))
     return batch
 
 
@@ -268,21 +299,20 @@ def _run(encoder, source, indices, todo, plan, header, out, config, device, prog
     if not todo:
         return 0
     positions = [p for _, start, stop in todo for p in range(start, stop)]
-    items = _TileItems(source, [indices[p] for p in positions], header["tile_size"])
+    items = _TileItems(source, [indices[p] for p in positions], header["tile_size"], encode=config.num_workers > 0)
     loader = torch.utils.data.DataLoader(
         items, batch_sampler=_batches(todo, config.batch_size), num_workers=config.num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=False,
         worker_init_fn=_ignore_sigint,
         prefetch_factor=4 if config.num_workers > 0 else None)
     level_names = [lv["name"] for lv in header["levels"]]
-    writer = BackgroundWriter(out, plan, header["cache_key"], level_names)
-    store = DTYPES[config.dtype]
+    writer = BackgroundWriter(out, plan, header["cache_key"], level_names, prepare=unpack_batch)
+    copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     done = n_skipped
     try:
         for batch in loader:
-            feats, prefix = _encode(encoder, batch["image"].to(device, non_blocking=True), config.dtype, device)
-            _check_finite(feats, batch["key"], level_names, config.dtype)
-            writer.put(_tiles(batch, feats, prefix, level_names, positions, store))
+            index = [positions[p] for p in batch["pos"]]
+            writer.put(_encode_batch(encoder, batch, index, level_names, config.dtype, device, copy_stream))
             done += len(batch["key"])
             if progress:
                 progress(done, n_mine, writer.bytes_written)
@@ -305,35 +335,60 @@ def _abandon(writer: BackgroundWriter) -> None:
 
 @torch.inference_mode()
 def _encode(encoder, images, dtype: str, device):
-    autocast = _compute_mode(device, dtype) == "bf16-autocast"
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        output = encoder(images)
+    """Features and prefix tokens of a batch in float32 (bf16 autocast on GPU unless fp32 storage)."""
+    output = _forward(encoder, images, dtype, device)
     return [f.float() for f in output.feats], None if output.prefix is None else [p.float() for p in output.prefix]
 
 
-def _check_finite(feats, keys, level_names, dtype) -> None:
+def _forward(encoder, images, dtype: str, device):
+    autocast = _compute_mode(device, dtype) == "bf16-autocast"
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        return encoder(images)
+
+
+@torch.inference_mode()
+def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str], dtype: str, device,
+                  copy_stream) -> PendingBatch:
+    """Run the encoder, cast to the storage dtype on the device and start the copy to the host.
+
+    Nothing here waits for the device: the finiteness flags travel with the features and the writer thread
+    checks them once the copy has landed, so the next batch is launched while this one is being copied.
+    """
+    output = _forward(encoder, batch["image"].to(device, non_blocking=True), dtype, device)
     store = DTYPES[dtype]
-    for name, f in zip(level_names, feats):
-        finite = torch.isfinite(f.to(store)).flatten(1).all(1)
-        if not bool(finite.all()):
-            bad = [k for k, ok in zip(keys, finite.tolist()) if not ok][:3]
-            hint = " (values exceed the fp16 range: use --dtype bf16)" if bool(torch.isfinite(f).all()) else ""
-            raise CacheError(f"non-finite features at {name} for tiles {bad}{hint}; nothing was written for them")
+    feats = {n: f.to(store, memory_format=torch.contiguous_format) for n, f in zip(level_names, output.feats)}
+    if output.prefix is not None:
+        feats.update({prefix_name(n): p.to(store, memory_format=torch.contiguous_format)
+                      for n, p in zip(level_names, output.prefix)})
+    stored = [feats[n] for n in level_names]
+    finite = torch.stack([torch.stack([torch.isfinite(f).flatten(1).all(1) for f in fs])
+                          for fs in (stored, output.feats if dtype == "fp16" else stored)])
+    host, ready = _to_host({**feats, "finite": finite}, copy_stream)
+    finite = host.pop("finite")
+    return PendingBatch(batch["key"], index, host, finite, ready, batch["png"], batch["gt"], batch["meta"])
 
 
-def _tiles(batch, feats, prefix, level_names, positions, store) -> list[EncodedTile]:
-    tiles = []
-    for j, key in enumerate(batch["key"]):
-        named = {n: f[j].to(store).cpu() for n, f in zip(level_names, feats)}
-        if prefix is not None:
-            named.update({"prefix_" + n.split("_", 1)[1]: p[j].to(store).cpu() for n, p in zip(level_names, prefix)})
-        pos = positions[batch["pos"][j]]
-        tiles.append(EncodedTile(key, pos, named, batch["gt"][j], batch["png"][j], batch["meta"][j]))
-    return tiles
+def _to_host(tensors: dict[str, torch.Tensor], copy_stream) -> tuple[dict[str, torch.Tensor], object]:
+    """Copy device tensors into pinned host memory on a side stream; returns them with an event to wait on."""
+    if copy_stream is None:
+        return tensors, None
+    copy_stream.wait_stream(torch.cuda.current_stream(copy_stream.device))
+    host = {}
+    with torch.cuda.stream(copy_stream):
+        for name, t in tensors.items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name].copy_(t, non_blocking=True)
+            t.record_stream(copy_stream)  # the caching allocator keeps t until the copy is done
+        ready = torch.cuda.Event()
+        ready.record(copy_stream)
+    return host, ready
 
 
-def _finalize(out: Path, header: dict, n_shards: int, rank: int, world: int) -> dict | None:
-    """Write the manifest once every shard's record exists (rank 0 after a barrier under torch.distributed)."""
+def _finalize(out: Path, header: dict, n_shards: int, rank: int, world: int, names: dict[int, str]) -> dict | None:
+    """Write the manifest once every shard's record exists (rank 0 after a barrier under torch.distributed).
+
+    ``names`` maps shard index → file name where it is known (a repair keeps the manifest's names).
+    """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         if rank != 0:
@@ -341,7 +396,8 @@ def _finalize(out: Path, header: dict, n_shards: int, rank: int, world: int) -> 
             return read_json(out / MANIFEST, MANIFEST)
     records = []
     for i in range(n_shards):
-        path = existing_shard(out, i)
+        path = out / names[i] if i in names else existing_shard(out, i)
+        path = path if path is not None and path.is_file() else None
         try:
             record = read_json(sidecar_path(out, path.name), "shard record") if path is not None else None
         except CacheError:

@@ -6,7 +6,8 @@ import shutil
 from pathlib import Path
 
 from cellembed.cache._manifest import MANIFEST, PARTS, CacheError, read_json, sidecar_path, write_json_atomic
-from cellembed.cache._verify import file_sha256
+from cellembed.cache._verify import check_shard, file_sha256
+from cellembed.cache._writer import record_from_shard
 
 HEADER = "header.json"  # inside .parts: the identity of a cache being written, before its manifest exists
 
@@ -63,6 +64,11 @@ def clear_cache(out: Path, rank: int) -> None:
         shutil.rmtree(out / PARTS, ignore_errors=True)
 
 
+def has_cache(out: Path) -> bool:
+    """True when ``out`` holds a manifest, or the header of an unfinished extraction."""
+    return (out / MANIFEST).is_file() or (out / PARTS / HEADER).is_file()
+
+
 def existing_shard(out: Path, index: int) -> Path | None:
     found = sorted(out.glob(f"shard-??-{index:06d}.tar"))
     return found[0] if found else None
@@ -88,3 +94,36 @@ def remove_stale(out: Path, todo) -> None:
         for path in list(out.glob(f"shard-??-{index:06d}.tar")) + list(out.glob(f".shard-??-{index:06d}.tar.tmp")):
             sidecar_path(out, path.name.lstrip(".").removesuffix(".tmp")).unlink(missing_ok=True)
             path.unlink(missing_ok=True)
+
+
+def plan_repair(out: Path, key: str, mine: list[tuple[int, int, int]], level_names: list[str]) \
+        -> tuple[list[tuple[int, int, int]], dict[int, str]]:
+    """Which of ``mine`` (``[(shard index, start, stop)]``) a repair must re-extract, and every shard's file name.
+
+    With a finished manifest, a shard is bad when it is missing, truncated or its sha256 differs from the
+    manifest's entry; names come from the manifest, so shards written by other ranks keep theirs. A good shard
+    whose record in ``.parts`` is gone or disagrees gets the record rebuilt from its bytes (no re-encoding).
+    Without a manifest (an unfinished extraction), this is a plain resume: shards that verify against their
+    records are kept.
+    """
+    if not (out / MANIFEST).is_file():
+        return [s for s in mine if not shard_done(out, s[0], key)], {}
+    listed = {s["index"]: s for s in read_json(out / MANIFEST, MANIFEST).get("shards", [])}
+    todo = []
+    for shard in mine:
+        entry = listed.get(shard[0])
+        if entry is None or check_shard(out / entry["name"], entry) is not None:
+            todo.append(shard)
+        elif not _record_agrees(out, entry, key):
+            write_json_atomic(sidecar_path(out, entry["name"]),
+                              record_from_shard(out / entry["name"], shard[0], key, level_names))
+    return todo, {i: s["name"] for i, s in listed.items()}
+
+
+def _record_agrees(out: Path, entry: dict, key: str) -> bool:
+    try:
+        record = read_json(sidecar_path(out, entry["name"]), "shard record")
+    except CacheError:
+        return False
+    same = all(record.get(k) == entry[k] for k in ("name", "index", "bytes", "sha256"))
+    return same and record.get("cache_key") == key

@@ -51,7 +51,7 @@ def verify_cache(cache_dir: str | Path, progress: Callable[[int, int], None] | N
     problems, done, total = [], 0, manifest["n_bytes"]
     for shard in manifest["shards"]:
         path = cache_dir / shard["name"]
-        problem = _check_shard(path, shard)
+        problem = check_shard(path, shard)
         if problem is not None:
             problems.append(problem)
         done += shard["bytes"]
@@ -64,7 +64,8 @@ def verify_cache(cache_dir: str | Path, progress: Callable[[int, int], None] | N
     return VerifyReport(cache_dir, len(manifest["shards"]), manifest["n_samples"], manifest["n_bytes"], problems)
 
 
-def _check_shard(path: Path, shard: dict) -> ShardProblem | None:
+def check_shard(path: Path, shard: dict) -> ShardProblem | None:
+    """Compare one shard file with its manifest entry (``name``, ``bytes``, ``sha256``); None when it matches."""
     if not path.is_file():
         return ShardProblem(shard["name"], "missing", "file not found")
     size = path.stat().st_size

@@ -1,24 +1,33 @@
-"""Atomic shard writing, in a background thread so the encoder never waits on the disk."""
+"""Atomic shard writing, in a background thread so the encoder never waits on the disk.
+
+The thread does no torch compute (numpy, zlib, hashlib and file I/O only): a torch op here would start its own
+OpenMP team and fight the encoder's threads for the cores.
+"""
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import queue
 import tarfile
 import threading
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
+import numpy as np
 import torch
+from safetensors.torch import load as st_load
 
-from cellembed.cache._codec import FEATS, GT, IMAGE, META, add_member, encode_feats, encode_meta, sample_key
+from cellembed.cache._codec import (FEATS, GT, IMAGE, META, add_member, encode_feats, encode_gt, encode_image,
+                                    encode_meta, sample_key)
 from cellembed.cache._manifest import CacheError, sidecar_path, write_json_atomic
+from cellembed.cache._verify import file_sha256
 
 
 class EncodedTile(NamedTuple):
-    """What the writer needs for one tile; image and GT are encoded by the DataLoader workers."""
+    """What the writer needs for one tile (image and GT already encoded, by DataLoader workers or the writer)."""
 
     key: str
     index: int              # position in the cache's tile list
@@ -26,6 +35,40 @@ class EncodedTile(NamedTuple):
     gt: bytes               # gt.safetensors
     png: bytes              # image.png
     meta: dict
+
+
+class ChannelStats:
+    """Per-channel sum and sum of squares (float64) of feature maps, accumulated tile by tile in arrival order.
+
+    Args:
+        level_names: the levels to accumulate (prefix tokens are not).
+    """
+
+    def __init__(self, level_names: list[str]):
+        self._sum: dict[str, np.ndarray | None] = {n: None for n in level_names}
+        self._sumsq: dict[str, np.ndarray | None] = {n: None for n in level_names}
+        self._count = {n: 0 for n in level_names}
+
+    def add(self, feats: dict[str, torch.Tensor]) -> None:
+        """feats: name → (C, h, w) CPU tensor of one tile in its storage dtype."""
+        for name in self._sum:
+            f = _float64(feats[name])
+            s, ss = f.sum(1), np.einsum("ij,ij->i", f, f)
+            self._sum[name] = s if self._sum[name] is None else self._sum[name] + s
+            self._sumsq[name] = ss if self._sumsq[name] is None else self._sumsq[name] + ss
+            self._count[name] += f.shape[1]
+
+    def record(self) -> dict[str, dict]:
+        return {n: {"count": self._count[n], "sum": self._sum[n].tolist(), "sumsq": self._sumsq[n].tolist()}
+                for n in self._sum if self._sum[n] is not None}
+
+
+def _float64(t: torch.Tensor) -> np.ndarray:
+    """(C, ...) fp16 / bf16 / fp32 CPU tensor → (C, n) float64 array, exactly (numpy has no bfloat16)."""
+    if t.dtype == torch.bfloat16:
+        bits = t.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).reshape(t.shape[0], -1).astype(np.float64)
+    return t.numpy().reshape(t.shape[0], -1).astype(np.float64)
 
 
 class _HashingFile:
@@ -62,9 +105,7 @@ class ShardWriter:
         self._hashing = _HashingFile(self._file)
         self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
         self.keys: list[str] = []
-        self._sum = {n: None for n in level_names}
-        self._sumsq = {n: None for n in level_names}
-        self._count = {n: 0 for n in level_names}
+        self._stats = ChannelStats(level_names)
 
     def add(self, tile: EncodedTile) -> None:
         base = sample_key(tile.key)
@@ -73,12 +114,7 @@ class ShardWriter:
         add_member(self._tar, f"{base}.{IMAGE}", tile.png)
         add_member(self._tar, f"{base}.{META}", encode_meta(tile.key, tile.index, tile.meta))
         self.keys.append(tile.key)
-        for name in self._sum:
-            f = tile.feats[name].double().flatten(1)
-            s, ss = f.sum(1), (f * f).sum(1)
-            self._sum[name] = s if self._sum[name] is None else self._sum[name] + s
-            self._sumsq[name] = ss if self._sumsq[name] is None else self._sumsq[name] + ss
-            self._count[name] += f.shape[1]
+        self._stats.add(tile.feats)
 
     def close(self) -> dict:
         """Finish the shard: fsync, rename into place, write its record. Returns the record."""
@@ -86,14 +122,8 @@ class ShardWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
-        record = {
-            "name": self.name, "index": self.index, "cache_key": self.cache_key,
-            "n_samples": len(self.keys), "bytes": self._hashing.size, "sha256": self._hashing.sha.hexdigest(),
-            "first_key": self.keys[0] if self.keys else None, "last_key": self.keys[-1] if self.keys else None,
-            "keys": self.keys,
-            "stats": {n: {"count": self._count[n], "sum": self._sum[n].tolist(), "sumsq": self._sumsq[n].tolist()}
-                      for n in self._sum if self._sum[n] is not None},
-        }
+        record = shard_record(self.name, self.index, self.cache_key, self.keys, self._hashing.size,
+                              self._hashing.sha.hexdigest(), self._stats)
         # The record goes first: a shard file that exists always has its record, so a rerun can verify it.
         write_json_atomic(sidecar_path(self.cache_dir, self.name), record)
         os.replace(self.tmp, self.path)
@@ -109,6 +139,67 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def shard_record(name: str, index: int, cache_key: str, keys: list[str], n_bytes: int, sha256: str,
+                 stats: ChannelStats) -> dict:
+    """The record of one finished shard, kept in ``.parts`` until the manifest is built from all of them."""
+    return {"name": name, "index": index, "cache_key": cache_key, "n_samples": len(keys), "bytes": n_bytes,
+            "sha256": sha256, "first_key": keys[0] if keys else None, "last_key": keys[-1] if keys else None,
+            "keys": keys, "stats": stats.record()}
+
+
+def record_from_shard(path: Path, index: int, cache_key: str, level_names: list[str]) -> dict:
+    """Rebuild a finished shard's record from its bytes (what :meth:`ShardWriter.close` wrote), without the encoder.
+
+    Raises:
+        CacheError: the shard is not a readable cellembed tar.
+    """
+    keys, stats = [], ChannelStats(level_names)
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if member.name.endswith("." + FEATS):
+                    stats.add(st_load(tar.extractfile(member).read()))
+                elif member.name.endswith("." + META):
+                    keys.append(json.loads(tar.extractfile(member).read())["key"])
+    except (tarfile.TarError, OSError, ValueError, KeyError) as err:
+        raise CacheError(f"{path}: cannot read shard ({err}); rerun extract to rebuild it") from None
+    return shard_record(path.name, index, cache_key, keys, path.stat().st_size, file_sha256(path), stats)
+
+
+class PendingBatch(NamedTuple):
+    """One encoded batch on its way to the writer thread (tensors are on the host, or being copied there)."""
+
+    key: list[str]
+    index: list[int]                  # positions in the cache's tile list
+    feats: dict[str, torch.Tensor]    # "block_i" → (N, C, h, w), "prefix_i" → (N, P, C); storage dtype
+    finite: torch.Tensor              # (2, levels, N) bool: stored values finite; float values finite
+    ready: torch.cuda.Event | None    # recorded after the device → host copies
+    png: list                         # PNG bytes, or (H, W, 3) uint8 images to encode
+    gt: list                          # gt.safetensors bytes, or (inst_map, type_map) to encode
+    meta: list[dict]
+
+
+def unpack_batch(pending: PendingBatch) -> list[EncodedTile]:
+    """Writer thread: wait for the batch's copy, refuse non-finite features, encode PNG / GT, split into tiles."""
+    if pending.ready is not None:
+        pending.ready.synchronize()
+    for i, name in enumerate(list(pending.feats)[:pending.finite.shape[1]]):  # the levels come first
+        ok = pending.finite[0, i]
+        if not bool(ok.all()):
+            bad = [k for k, good in zip(pending.key, ok.tolist()) if not good][:3]
+            in_range = bool(pending.finite[1, i].all())
+            hint = " (values exceed the fp16 range: use --dtype bf16)" if in_range else ""
+            raise CacheError(f"non-finite features at {name} for tiles {bad}{hint}; nothing was written for them")
+    tiles = []
+    for j, key in enumerate(pending.key):
+        png, gt = pending.png[j], pending.gt[j]
+        if not isinstance(png, bytes):  # no DataLoader workers: encode here, off the encoder's thread
+            png, gt = encode_image(png), encode_gt(*gt)
+        tiles.append(EncodedTile(key, pending.index[j], {n: t[j] for n, t in pending.feats.items()}, gt, png,
+                                 pending.meta[j]))
+    return tiles
+
+
 class BackgroundWriter:
     """Consumes encoded tiles from a bounded queue and writes them shard by shard in a thread.
 
@@ -118,11 +209,14 @@ class BackgroundWriter:
         cache_key: the cache's key.
         level_names: feature level names.
         max_pending: queue bound, in batches; keeps memory bounded.
+        prepare: run in the writer thread on each item given to :meth:`put`, turning it into the batch's tiles
+            (waiting for device copies, encoding PNG / GT); items are lists of tiles already when None.
     """
 
     def __init__(self, cache_dir: Path, plan: list[tuple[str, int, int]], cache_key: str, level_names: list[str],
-                 max_pending: int = 4):
+                 max_pending: int = 4, prepare: Callable[[Any], list[EncodedTile]] | None = None):
         self.cache_dir, self.plan, self.cache_key, self.level_names = Path(cache_dir), plan, cache_key, level_names
+        self.prepare = prepare
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.records: list[dict] = []
         self.bytes_written = 0
@@ -130,11 +224,12 @@ class BackgroundWriter:
         self._thread = threading.Thread(target=self._run, name="cellembed-shard-writer", daemon=True)
         self._thread.start()
 
-    def put(self, tiles: list[EncodedTile]) -> None:
+    def put(self, item) -> None:
+        """Queue one batch (a list of tiles, or what ``prepare`` takes); re-raises a writer error at once."""
         while True:
             self.raise_if_failed()
             try:
-                self.queue.put(tiles, timeout=0.5)
+                self.queue.put(item, timeout=0.5)
                 return
             except queue.Full:
                 continue
@@ -151,11 +246,13 @@ class BackgroundWriter:
             raise self.error
 
     def _run(self) -> None:
+        if os.environ.get("CE_WRITER_NICE"):  # EXPERIMENT
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ["CE_WRITER_NICE"]))
         writer, shards = None, iter(self.plan)
         remaining = 0
         try:
-            while (batch := self.queue.get()) is not None:
-                for tile in batch:
+            while (item := self.queue.get()) is not None:
+                for tile in item if self.prepare is None else self.prepare(item):
                     if remaining == 0:
                         name, index, remaining = next(shards)
                         writer = ShardWriter(self.cache_dir, name, index, self.cache_key, self.level_names)
