@@ -18,6 +18,7 @@ from cellembed.cli import app
 from cellembed.evaluate import score_run, tune_run
 from cellembed.metrics import score_arrays
 from cellembed.train import FitConfig, fit_decoder
+from cellembed.train._checkpoint import last_tensors
 
 
 def _cache(path, seed, n=8, encoder="test_vit", size=64):
@@ -40,15 +41,20 @@ def _config(caches, out, **kw):
     return FitConfig(**{**base, **kw})
 
 
-def _weights(run_dir, name="last.safetensors"):
-    return {k: v for k, v in load_file(str(run_dir / name)).items() if k.startswith("model.") or name != "last.safetensors"}
+def _last(run_dir):
+    return load_file(str(last_tensors(run_dir)))
+
+
+def _weights(run_dir):
+    return {k: v for k, v in _last(run_dir).items() if k.startswith("model.")}
 
 
 def test_fit_writes_a_complete_run(caches, tmp_path):
     result = fit_decoder(_config(caches, tmp_path / "run"))
     run = result.run_dir
-    for name in ("config.json", "model.safetensors", "last.safetensors", "last.json", "metrics.jsonl", "curves.png"):
+    for name in ("config.json", "model.safetensors", "last.json", "metrics.jsonl", "curves.png"):
         assert (run / name).is_file(), name
+    assert [p.name for p in run.glob("last-*.safetensors")] == ["last-00002.safetensors"]
     record = json.loads((run / "config.json").read_text())
     assert record["cache_key"] == open_cache(caches["train"]).cache_key
     assert record["decoder"]["trainable_parameters"] == result.n_params > 0
@@ -83,8 +89,9 @@ def test_resume_after_interruption_ends_with_the_same_weights(caches, tmp_path):
     assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 1
     resumed = fit_decoder(_config(caches, tmp_path / "cut", epochs=3, num_workers=1))  # workers may change
     assert resumed.epochs_run == 2 and [h["epoch"] for h in resumed.history] == [1, 2, 3]
-    for name in ("last.safetensors", "model.safetensors"):  # model, optimizer moments, RNG and best weights
-        wf, wr = load_file(str(full.run_dir / name)), load_file(str(resumed.run_dir / name))
+    pairs = {"last": (_last(full.run_dir), _last(resumed.run_dir)),  # model, optimizer moments, RNG
+             "best": (load_file(str(full.run_dir / "model.safetensors")), load_file(str(resumed.run_dir / "model.safetensors")))}
+    for name, (wf, wr) in pairs.items():
         assert wf.keys() == wr.keys() and all(torch.equal(wf[k], wr[k]) for k in wf), name
     assert full.history == resumed.history or all(
         {k: v for k, v in f.items() if "seconds" not in k} == {k: v for k, v in r.items() if "seconds" not in k}
@@ -108,7 +115,7 @@ def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted(caches, tmp_path):
     assert 2 <= done < 6, "the kill should land during training"
     subprocess.run(args + ["--out", str(tmp_path / "killed")], env=env, check=True, capture_output=True)
     subprocess.run(args + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
-    wk, ww = load_file(str(tmp_path / "killed" / "last.safetensors")), load_file(str(tmp_path / "whole" / "last.safetensors"))
+    wk, ww = _last(tmp_path / "killed"), _last(tmp_path / "whole")
     assert all(torch.equal(wk[k], ww[k]) for k in ww)
     assert json.loads((tmp_path / "killed" / "last.json").read_text())["epoch"] == 6
 
@@ -269,3 +276,27 @@ def test_oversampling_reaches_the_training_loop(caches, tmp_path):
     assert sum(steps) > 8  # the oversampled list is longer than the 8 tiles
     with pytest.raises(ValueError, match="cisca-conic.*5 multipliers.*cache classes"):
         fit_decoder(_config(caches, tmp_path / "bad", oversample="cisca-conic"))
+
+
+def test_kill_inside_the_checkpoint_write_resumes_from_the_previous_epoch(caches, tmp_path, monkeypatch):
+    """A kill after the new tensors are written but before last.json names them must not mix epochs."""
+    import cellembed.train._checkpoint as ckpt
+
+    full = fit_decoder(_config(caches, tmp_path / "full", epochs=3, val_cache=None))
+    real = ckpt.write_json_atomic
+
+    def die_at_epoch_2(path, data):
+        if data.get("epoch") == 2:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "write_json_atomic", die_at_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        fit_decoder(_config(caches, tmp_path / "cut", epochs=3, val_cache=None))
+    monkeypatch.setattr(ckpt, "write_json_atomic", real)
+    assert json.loads((tmp_path / "cut" / "last.json").read_text())["epoch"] == 1
+    resumed = fit_decoder(_config(caches, tmp_path / "cut", epochs=3, val_cache=None))
+    assert resumed.epochs_run == 2
+    wf, wr = _last(full.run_dir), _last(resumed.run_dir)
+    assert all(torch.equal(wf[k], wr[k]) for k in wf)
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3

@@ -21,24 +21,38 @@ def save_model(model: torch.nn.Module, path: Path, metadata: dict | None = None)
 
 
 def save_state(run_dir: Path, model, optimizer, scheduler, epoch: int, history: list[dict], best: dict | None) -> None:
-    """The resumable state after ``epoch``: model + optimizer tensors, scheduler and RNG as JSON."""
+    """The resumable state after ``epoch``: model + optimizer tensors, scheduler and RNG.
+
+    One commit point: the tensors go to a new ``last-<epoch>.safetensors``, then ``last.json`` (written
+    atomically) names it, then older tensor files are removed. A kill at any moment leaves a ``last.json``
+    whose tensors belong to the same epoch.
+    """
     tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     opt = optimizer.state_dict()
     for pid, state in opt["state"].items():
         for name, value in state.items():
             tensors[f"optim.{pid}.{name}"] = value.detach().reshape(value.shape).contiguous().cpu()
     tensors["rng.torch"] = torch.get_rng_state()
-    tmp = run_dir / ".last.safetensors.tmp"
+    name = f"last-{epoch:05d}.safetensors"
+    tmp = run_dir / f".{name}.tmp"
     save_file(tensors, str(tmp))
-    os.replace(tmp, run_dir / "last.safetensors")
-    write_json_atomic(run_dir / "last.json", {"epoch": epoch, "param_groups": opt["param_groups"],
+    os.replace(tmp, run_dir / name)
+    write_json_atomic(run_dir / "last.json", {"epoch": epoch, "tensors": name, "param_groups": opt["param_groups"],
                                               "scheduler": scheduler.state_dict(), "history": history, "best": best})
+    for old in run_dir.glob("last-*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def last_tensors(run_dir: Path) -> Path:
+    """The tensor file of the last committed epoch."""
+    return run_dir / json.loads((run_dir / "last.json").read_text())["tensors"]
 
 
 def load_state(run_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict], dict | None]:
     """Restore what :func:`save_state` wrote; returns (last finished epoch, history, best)."""
     meta = json.loads((run_dir / "last.json").read_text())
-    tensors = load_file(str(run_dir / "last.safetensors"))
+    tensors = load_file(str(run_dir / meta["tensors"]))
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():

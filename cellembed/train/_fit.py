@@ -5,8 +5,9 @@ A run directory holds::
     config.json        what was trained on and how (fit config, encoder identity, levels, classes,
                        post-processing); ``cellembed score`` rebuilds the decoder from it
     model.safetensors  the best weights by ``best_metric`` (metadata: epoch and value)
-    last.safetensors   resumable state after the last finished epoch (model, optimizer moments, RNG)
-    last.json          the rest of that state (epoch, optimizer groups, scheduler, history, best)
+    last-<epoch>.safetensors  resumable state after the last finished epoch (model, optimizer moments, RNG)
+    last.json          the rest of that state (epoch, tensor file, optimizer groups, scheduler, history,
+                       best); written last, it is the epoch's commit point
     metrics.jsonl      one line per finished epoch
     curves.png         losses and validation PQ per epoch
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +42,7 @@ from cellembed.train._checkpoint import load_state, save_model, save_state
 
 SOURCES = ("cache", "live")
 LOSSES = ("mindthegap", "cisca")
-RUN_FILES = ("last.json", "last.safetensors", "metrics.jsonl", "model.safetensors", "curves.png")
+RUN_FILES = ("last.json", "metrics.jsonl", "model.safetensors", "curves.png")
 # the config fields that may change when an interrupted run is resumed
 RESUME_FREE = ("overwrite", "num_workers", "device", "memory", "val_cache")
 
@@ -151,14 +153,19 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
             metrics.update(validate(model, val, device, post, num_classes, loss_fn))
         history.append(metrics)
         best = _keep_best(run_dir, model, config.best_metric, metrics, best)
-        with open(run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(metrics) + "\n")
-        save_state(run_dir, model, optimizer, scheduler, epoch + 1, history, best)
+        save_state(run_dir, model, optimizer, scheduler, epoch + 1, history, best)  # the epoch's commit point
+        _write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
         if on_epoch:
             on_epoch(epoch + 1, config.epochs, metrics)
     if history:
         _plot_curves(run_dir, history)
     return FitResult(run_dir, config.epochs - start, best, history, n_params, time.perf_counter() - t0)
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _check_config(c: FitConfig) -> None:
@@ -314,8 +321,8 @@ def _prepare_run(config: FitConfig, source: dict, model, n_params: int, post: Po
             if not config.overwrite:
                 raise ValueError(f"{run_dir} holds a run with another config or cache; pass --overwrite to "
                                  "replace it, or choose another --out")
-            for name in RUN_FILES:
-                (run_dir / name).unlink(missing_ok=True)
+            for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob("last-*.safetensors")]:
+                path.unlink(missing_ok=True)
         else:
             record["postprocess"] = old.get("postprocess", record["postprocess"])  # keep a tuned min area
     elif run_dir.exists() and any(run_dir.iterdir()) and not config.overwrite:
