@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -309,8 +311,9 @@ def _run(encoder, source, indices, todo, plan, header, out, config, device, prog
     writer = BackgroundWriter(out, plan, header["cache_key"], level_names, prepare=unpack_batch)
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     done = n_skipped
+    batches = _read_ahead(loader) if config.num_workers == 0 else iter(loader)
     try:
-        for batch in loader:
+        for batch in batches:
             index = [positions[p] for p in batch["pos"]]
             writer.put(_encode_batch(encoder, batch, index, level_names, config.dtype, device, copy_stream))
             done += len(batch["key"])
@@ -320,9 +323,50 @@ def _run(encoder, source, indices, todo, plan, header, out, config, device, prog
     except BaseException:
         _abandon(writer)
         raise
+    finally:
+        if hasattr(batches, "close"):
+            batches.close()
     if progress:
         progress(done, n_mine, writer.bytes_written)
     return done - n_skipped
+
+
+def _read_ahead(loader, depth: int = 2) -> Iterator[dict]:
+    """Iterate ``loader`` in a thread, ``depth`` batches ahead: without DataLoader workers, reading tiles
+    (PIL decoding and numpy, which release the GIL) then overlaps the encoder instead of stalling it."""
+    ahead: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def fill() -> None:
+        try:
+            for batch in loader:
+                if not _offer(ahead, ("batch", batch), stop):
+                    return
+            _offer(ahead, ("end", None), stop)
+        except BaseException as err:  # noqa: BLE001 - re-raised in the consuming thread
+            _offer(ahead, ("error", err), stop)
+
+    thread = threading.Thread(target=fill, name="cellembed-tile-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := ahead.get())[0] == "batch":
+            yield item[1]
+        if item[0] == "error":
+            raise item[1]
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _offer(q: queue.Queue, item, stop: threading.Event) -> bool:
+    """Put ``item`` unless ``stop`` is set first; True when it was put."""
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=0.1)
+            return True
+        except queue.Full:
+            continue
+    return False
 
 
 def _abandon(writer: BackgroundWriter) -> None:
@@ -351,8 +395,8 @@ def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str]
                   copy_stream) -> PendingBatch:
     """Run the encoder, cast to the storage dtype on the device and start the copy to the host.
 
-    Nothing here waits for the device: the finiteness flags travel with the features and the writer thread
-    checks them once the copy has landed, so the next batch is launched while this one is being copied.
+    Nothing here waits for the device, so the next batch is launched while this one is being copied; the
+    writer thread refuses non-finite features when it computes the channel statistics.
     """
     output = _forward(encoder, batch["image"].to(device, non_blocking=True), dtype, device)
     store = DTYPES[dtype]
@@ -360,12 +404,8 @@ def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str]
     if output.prefix is not None:
         feats.update({prefix_name(n): p.to(store, memory_format=torch.contiguous_format)
                       for n, p in zip(level_names, output.prefix)})
-    stored = [feats[n] for n in level_names]
-    finite = torch.stack([torch.stack([torch.isfinite(f).flatten(1).all(1) for f in fs])
-                          for fs in (stored, output.feats if dtype == "fp16" else stored)])
-    host, ready = _to_host({**feats, "finite": finite}, copy_stream)
-    finite = host.pop("finite")
-    return PendingBatch(batch["key"], index, host, finite, ready, batch["png"], batch["gt"], batch["meta"])
+    host, ready = _to_host(feats, copy_stream)
+    return PendingBatch(batch["key"], index, host, ready, batch["png"], batch["gt"], batch["meta"])
 
 
 def _to_host(tensors: dict[str, torch.Tensor], copy_stream) -> tuple[dict[str, torch.Tensor], object]:

@@ -37,8 +37,19 @@ class EncodedTile(NamedTuple):
     meta: dict
 
 
+class NonFiniteFeatures(ValueError):
+    """A tile's features hold inf or NaN (``nan`` False: only infinities, e.g. beyond the fp16 range)."""
+
+    def __init__(self, level: str, nan: bool):
+        super().__init__(f"non-finite features at {level}")
+        self.level, self.nan = level, nan
+
+
 class ChannelStats:
     """Per-channel sum and sum of squares (float64) of feature maps, accumulated tile by tile in arrival order.
+
+    Also the finiteness check: the float64 sum of squares of finite fp16 / bf16 / fp32 values is finite, and
+    any inf or NaN makes it inf or NaN, so a tile is refused (:class:`NonFiniteFeatures`) at no extra cost.
 
     Args:
         level_names: the levels to accumulate (prefix tokens are not).
@@ -50,13 +61,17 @@ class ChannelStats:
         self._count = {n: 0 for n in level_names}
 
     def add(self, feats: dict[str, torch.Tensor]) -> None:
-        """feats: name → (C, h, w) CPU tensor of one tile in its storage dtype."""
+        """feats: name → (C, h, w) CPU tensor of one tile in its storage dtype. Nothing is added on error."""
+        tile = {}
         for name in self._sum:
             f = _float64(feats[name])
-            s, ss = f.sum(1), np.einsum("ij,ij->i", f, f)
+            tile[name] = f.sum(1), np.einsum("ij,ij->i", f, f), f.shape[1]
+            if not np.isfinite(tile[name][1]).all():
+                raise NonFiniteFeatures(name, bool(np.isnan(tile[name][1]).any()))
+        for name, (s, ss, n) in tile.items():
             self._sum[name] = s if self._sum[name] is None else self._sum[name] + s
             self._sumsq[name] = ss if self._sumsq[name] is None else self._sumsq[name] + ss
-            self._count[name] += f.shape[1]
+            self._count[name] += n
 
     def record(self) -> dict[str, dict]:
         return {n: {"count": self._count[n], "sum": self._sum[n].tolist(), "sumsq": self._sumsq[n].tolist()}
@@ -108,13 +123,19 @@ class ShardWriter:
         self._stats = ChannelStats(level_names)
 
     def add(self, tile: EncodedTile) -> None:
+        try:
+            self._stats.add(tile.feats)
+        except NonFiniteFeatures as err:
+            fp16 = not err.nan and tile.feats[err.level].dtype == torch.float16
+            hint = " (values exceed the fp16 range: use --dtype bf16)" if fp16 else ""
+            raise CacheError(f"non-finite features at {err.level} for tiles {[tile.key]}{hint}; nothing was "
+                             "written for them") from None
         base = sample_key(tile.key)
         add_member(self._tar, f"{base}.{FEATS}", encode_feats(tile.feats))
         add_member(self._tar, f"{base}.{GT}", tile.gt)
         add_member(self._tar, f"{base}.{IMAGE}", tile.png)
         add_member(self._tar, f"{base}.{META}", encode_meta(tile.key, tile.index, tile.meta))
         self.keys.append(tile.key)
-        self._stats.add(tile.feats)
 
     def close(self) -> dict:
         """Finish the shard: fsync, rename into place, write its record. Returns the record."""
@@ -172,7 +193,6 @@ class PendingBatch(NamedTuple):
     key: list[str]
     index: list[int]                  # positions in the cache's tile list
     feats: dict[str, torch.Tensor]    # "block_i" → (N, C, h, w), "prefix_i" → (N, P, C); storage dtype
-    finite: torch.Tensor              # (2, levels, N) bool: stored values finite; float values finite
     ready: torch.cuda.Event | None    # recorded after the device → host copies
     png: list                         # PNG bytes, or (H, W, 3) uint8 images to encode
     gt: list                          # gt.safetensors bytes, or (inst_map, type_map) to encode
@@ -180,16 +200,9 @@ class PendingBatch(NamedTuple):
 
 
 def unpack_batch(pending: PendingBatch) -> list[EncodedTile]:
-    """Writer thread: wait for the batch's copy, refuse non-finite features, encode PNG / GT, split into tiles."""
+    """Writer thread: wait for the batch's copy to land, encode PNG / GT where not done yet, split into tiles."""
     if pending.ready is not None:
         pending.ready.synchronize()
-    for i, name in enumerate(list(pending.feats)[:pending.finite.shape[1]]):  # the levels come first
-        ok = pending.finite[0, i]
-        if not bool(ok.all()):
-            bad = [k for k, good in zip(pending.key, ok.tolist()) if not good][:3]
-            in_range = bool(pending.finite[1, i].all())
-            hint = " (values exceed the fp16 range: use --dtype bf16)" if in_range else ""
-            raise CacheError(f"non-finite features at {name} for tiles {bad}{hint}; nothing was written for them")
     tiles = []
     for j, key in enumerate(pending.key):
         png, gt = pending.png[j], pending.gt[j]
@@ -246,8 +259,6 @@ class BackgroundWriter:
             raise self.error
 
     def _run(self) -> None:
-        if os.environ.get("CE_WRITER_NICE"):  # EXPERIMENT
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), int(os.environ["CE_WRITER_NICE"]))
         writer, shards = None, iter(self.plan)
         remaining = 0
         try:

@@ -75,7 +75,12 @@ class Decoder(nn.Module):
             {key: (N, k, T, T)} raw outputs (logits / linear maps), keys as in ``self.maps``.
         """
         self._check_inputs(feats, image)
-        return self._decode(list(feats), image if self.image_skip else None)
+        # channels-last activations: oneDNN (CPU) and cuDNN (GPU) run these convolutions faster, most of all
+        # under bf16 autocast (measured in benchmarks/cache_vs_live.py); the outputs are plain NCHW again
+        feats = [f.contiguous(memory_format=torch.channels_last) for f in feats]
+        if self.image_skip:
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self._decode(feats, image if self.image_skip else None)
 
     def _decode(self, feats: list[torch.Tensor], image: torch.Tensor | None) -> dict[str, torch.Tensor]:
         raise NotImplementedError

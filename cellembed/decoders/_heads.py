@@ -12,6 +12,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cellembed._registry import Registry
@@ -76,6 +77,11 @@ def head_maps(head: str, num_classes: int) -> tuple[OutputMap, ...]:
 class OutputConvs(nn.Module):
     """One 1×1 convolution per output map, all reading the same feature map.
 
+    The convolutions are run as one (their weights concatenated), which reads the full-resolution feature
+    map once instead of once per map: on 2 CPU threads the backward of three thin 1×1 convolutions at 256²
+    cost more than the 3×3 convolution before them (``benchmarks/cache_vs_live.py``). Parameters stay one
+    ``nn.Conv2d`` per map, so state dicts are unchanged.
+
     Args:
         in_channels: channels of the shared feature map.
         maps: the head's output maps (``head_maps``).
@@ -86,8 +92,13 @@ class OutputConvs(nn.Module):
         self.convs = nn.ModuleDict({m.key: nn.Conv2d(in_channels, m.channels, 1) for m in maps})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(N, in_channels, H, W) → {key: (N, k, H, W)}."""
-        return {key: conv(x) for key, conv in self.convs.items()}
+        """(N, in_channels, H, W) → {key: (N, k, H, W)}, each output a contiguous NCHW tensor."""
+        convs = list(self.convs.values())
+        weight = torch.cat([c.weight for c in convs]) if len(convs) > 1 else convs[0].weight
+        bias = torch.cat([c.bias for c in convs]) if len(convs) > 1 else convs[0].bias
+        y = F.conv2d(x, weight, bias)
+        parts = y.split([c.out_channels for c in convs], dim=1)
+        return {key: part.contiguous() for key, part in zip(self.convs, parts)}
 
 
 def activate(head: str, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
