@@ -68,8 +68,7 @@ def encode_image(image: np.ndarray) -> bytes:
     raw[:, 0] = 2  # filter type Up: each byte minus the byte above (the first row has a zero row above)
     raw[0, 1:] = rows[0]
     np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])
-    import os  # EXPERIMENT
-    deflate = zlib.compressobj(int(os.environ.get("CE_PNG_LEVEL", 1)), zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
     idat = deflate.compress(raw) + deflate.flush()
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)  # 8-bit RGB, deflate, adaptive filters, no interlace
     return _PNG_SIGNATURE + _png_chunk(b"IHDR", ihdr) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
