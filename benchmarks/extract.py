@@ -3,14 +3,15 @@
 The bare forward runs on tiles already decoded in memory, batched exactly as ``extract`` batches them,
 under inference_mode: no reading, no PNG/safetensors encoding, no disk. ``extract`` does all of that
 (DataLoader workers or not, background shard writer). The ratio extract / bare says how much of the
-encoder's speed the pipeline keeps (target: 0.85). Passes alternate bare / extract and the best of
-``--rounds`` is kept for each, so that a busy shared machine slows both alike.
+encoder's speed the pipeline keeps (target: 0.85). Passes alternate bare / extract and the best of the
+rounds is kept for each, so that other load on a shared machine is filtered out (short CNN passes get more
+rounds than long ViT passes).
 
 Also written: what each pipeline stage costs per tile on one core, the cache size per tile in each storage
 dtype, and the projected size of a PanNuke cache (7,901 tiles of 256²) for every encoder preset, computed
 from the preset's levels (channels, grid at its input size, prefix tokens): no weights are needed.
 
-    python benchmarks/extract.py [--tiles 128] [--rounds 3] [--device auto]
+    python benchmarks/extract.py [--tiles 128] [--rounds N] [--device auto]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from cellembed.cache import ExtractConfig, extract
 from cellembed.cache._codec import encode_feats, encode_gt, encode_image, encode_meta
+from cellembed.cache._extract import _collate
 from cellembed.cache._writer import ChannelStats, EncodedTile, ShardWriter
 from cellembed.data import open_dataset, resolve_split
 from cellembed.encoders import LevelInfo, build_encoder, list_specs, resolve_blocks
@@ -42,7 +44,8 @@ try:
 except ImportError:  # run as a script from the benchmarks folder
     from _common import REALDATA, machine, write_results
 
-ENCODERS = [("efficientnet_lite0_in1k", "packaged"), ("phikon", "random")]  # a CNN and a ViT-B/16 (weights do not change speed)
+# a CNN and a ViT-B/16 (weights do not change speed), with their default number of rounds
+ENCODERS = [("efficientnet_lite0_in1k", "packaged", 8), ("phikon", "random", 3)]
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
 PANNUKE_TILES, PANNUKE_SIZE, SHARD_SIZE = 7901, 256, 256
 TARGET = 0.85
@@ -115,14 +118,14 @@ def run_extract(out: Path, encoder: str, weights: str, name: str, kwargs: dict, 
     return result, clock.cpu
 
 
-def throughput(encoder: str, weights: str, images: torch.Tensor, name: str, kwargs: dict, args, device,
+def throughput(encoder: str, weights: str, rounds: int, images: torch.Tensor, name: str, kwargs: dict, args, device,
                tmp: Path) -> tuple[dict, list[dict]]:
-    """Alternate bare and extract passes ``args.rounds`` times; keep the best of each."""
+    """Alternate bare and extract passes ``rounds`` times; keep the best of each."""
     enc = build_encoder(encoder, weights=weights, tile_size=images.shape[-1], device=device)
     with torch.inference_mode():
         enc(images[:args.batch_size].to(device))  # warm-up
     bare, ext, runs = [], {w: [] for w in args.workers}, []
-    for r in range(args.rounds):
+    for r in range(rounds):
         bare.append(bare_pass(enc, images, args.batch_size, 64, device))
         for w in args.workers:
             res, cpu = run_extract(tmp / f"{encoder}-{w}-{r}", encoder, weights, name, kwargs, w, args.batch_size,
@@ -158,7 +161,9 @@ def stage_costs(source, n: int, encoder: str, weights: str, images: torch.Tensor
         cost = {"tile read + decode": _per_tile(lambda: [source[i] for i in range(n)], n),
                 "PNG, Pillow level 1 (before)": _per_tile(lambda: [_pil_png(Image, t.image) for t in tiles], n),
                 "PNG, Up filter + zlib 1 RLE (now)": _per_tile(lambda: [encode_image(t.image) for t in tiles], n),
-                "GT safetensors": _per_tile(lambda: [encode_gt(t.inst_map, t.type_map) for t in tiles], n)}
+                "GT safetensors": _per_tile(lambda: [encode_gt(t.inst_map, t.type_map) for t in tiles], n),
+                "batch NHWC → NCHW, torch (before)": _per_tile(lambda: _torch_collate(tiles), n),
+                "batch NHWC → NCHW, numpy (now)": _per_tile(lambda: _collate([{"image": t.image} for t in tiles]), n)}
         with torch.inference_mode():
             out = enc(images[:batch])
             cost["encoder forward, 1 thread"] = _per_tile(lambda: enc(images[:batch]), batch)
@@ -181,6 +186,10 @@ def stage_costs(source, n: int, encoder: str, weights: str, images: torch.Tensor
     finally:
         torch.set_num_threads(threads)
     return {k: round(v, 2) for k, v in cost.items()}
+
+
+def _torch_collate(tiles) -> torch.Tensor:
+    return torch.stack([torch.from_numpy(t.image) for t in tiles]).permute(0, 3, 1, 2).contiguous()
 
 
 def _pil_png(Image, image: np.ndarray) -> bytes:
@@ -277,7 +286,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds per encoder (default: 8 CNN, 3 ViT)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
@@ -290,8 +299,9 @@ def main() -> None:
     images = torch.from_numpy(np.stack([source[i].image for i in range(n)])).permute(0, 3, 1, 2).contiguous()
     rows, runs, costs, sizes = [], [], {}, []
     png, meta = sample_sizes(source, n)
-    for encoder, weights in ENCODERS:
-        row, r = throughput(encoder, weights, images, name, kwargs, args, device, tmp)
+    for encoder, weights, rounds in ENCODERS:
+        row, r = throughput(encoder, weights, args.rounds or rounds, images, name, kwargs, args, device, tmp)
+        row["rounds"] = args.rounds or rounds
         rows.append(row)
         runs += r
         costs[encoder] = stage_costs(source, min(n, 32), encoder, weights, images, args.batch_size, tmp)
@@ -299,17 +309,17 @@ def main() -> None:
     projected = projections(png, meta)
     shutil.rmtree(tmp, ignore_errors=True)
     payload = {"machine": machine(), "device": str(device), "data": data_label, "batch_size": args.batch_size,
-               "rounds": args.rounds, "target_ratio": TARGET, "rows": rows, "runs": runs,
+               "target_ratio": TARGET, "rows": rows, "runs": runs,
                "stage_ms_per_tile": costs, "dtype_sizes": sizes, "mean_png_bytes": png, "mean_meta_bytes": meta,
                "pannuke_projection": projected,
                "description": f"Data: {data_label}; batch {args.batch_size}; shards of 64; device {device}; best "
-                              f"of {args.rounds} alternating rounds. `extract` includes reading tiles, PNG + "
+                              f"of alternating rounds. `extract` includes reading tiles, PNG + "
                               "safetensors encoding, tar writing, sha256, fsync and the manifest; rates use the "
                               "encode-and-write loop's time (start-up excluded; it is in `runs`). Ratio = extract "
                               f"/ bare forward (target {TARGET}). MB/s = cache bytes written per second. CPU "
-                              "ratio = CPU seconds of the bare pass / of the extract loop (main process, writer "
-                              "thread and DataLoader workers), an estimate that other load on the machine disturbs "
-                              "less; spread = slowest / fastest round (other load)."}
+                              "ratio = CPU seconds of the bare pass / of the extract loop (all threads and "
+                              "DataLoader workers): the share of extract's CPU work that is the encoder's. Spread = "
+                              "slowest / fastest round: other load on this shared machine."}
 
     def plot(ax):
         x = np.arange(len(rows))

@@ -148,7 +148,11 @@ def test_response_cut_is_the_exact_threshold():
 
 
 def test_morphology_matches_scipy():
-    fps = [disk(1).astype(bool), disk(2).astype(bool), np.ones((3, 3), bool), np.ones((5, 5), bool), ref.ELLIPSE5]
+    ring = np.ones((5, 5), bool)
+    ring[1:4, 1:4] = False
+    ring[2, 2] = True          # rows that are not one run: the per-tap path
+    fps = [disk(1).astype(bool), disk(2).astype(bool), np.ones((3, 3), bool), np.ones((5, 5), bool), ref.ELLIPSE5,
+           disk(6).astype(bool), np.ones((1, 7), bool), ring]
     for rng, h, w, t in random_cases():
         m = rng.random((h, w)) < 0.6
         for fp in fps:

@@ -13,7 +13,7 @@ from cellembed.data import make_synthetic_tile
 from cellembed.targets import cisca_targets, hover_targets, weight_map
 from cellembed.targets._common import check_inst_map
 from cellembed.targets._directions import directions, directions_reference
-from cellembed.targets._graymask import PARAMS, graymask4
+from cellembed.targets._graymask import PARAMS, _closing_reflect, graymask4
 from cellembed.targets._hover import hover_hv, hover_hv_reference
 
 REALDATA = Path("/work/shared/realdata/consep_tiles256/labels.npz")
@@ -145,6 +145,19 @@ def test_classes_types_weights():
     fg = tile.inst_map > 0
     np.testing.assert_array_equal(w == 1, ndi.binary_dilation(fg, structure=disk(6)))   # CISCA's definition
     assert (weight_map(np.zeros((5, 5), np.int32)) == np.float32(0.05)).all()
+    for inst in MAPS.values():
+        np.testing.assert_array_equal(weight_map(inst), weight_map(inst, reference=True))
+
+
+@pytest.mark.parametrize("footprint", [PARAMS["20x"].gap, PARAMS["40x"].gap], ids=["square5", "matlab_disk5"])
+def test_binary_closing_equals_reflect_grey_closing(footprint):
+    """The numba closing of the cell mask is scipy's reflect-mode grey closing (the top-hat's support)."""
+    rng = np.random.default_rng(4)
+    for _ in range(60):
+        h, w = rng.integers(1, 40, 2)
+        m = rng.random((h, w)) < rng.uniform(0.1, 0.9)
+        expected = ndi.grey_closing(m.astype(np.uint8), footprint=footprint, mode="reflect") > 0
+        np.testing.assert_array_equal(_closing_reflect(m, footprint), expected)
 
 
 def test_isolated_cell_is_all_body_and_touching_cells_get_boundary():

@@ -15,12 +15,65 @@ from numba import njit
 @njit(cache=True)
 def morph(mask, footprint, dilate, border):
     """Binary dilation (``dilate``) or erosion by a point-symmetric odd footprint; pixels outside the
-    image count as ``border`` (erosion) or background (dilation). One pass per footprint tap, vectorised."""
+    image count as ``border`` (erosion) or background (dilation).
+
+    Footprints whose rows are contiguous runs (squares, disks, diamonds, octagons) cost one lookup per
+    footprint row and pixel, from per-row prefix counts; any other footprint falls back to one pass per tap.
+    """
     h, w = mask.shape
     kh, kw = footprint.shape
     ry, rx = kh // 2, kw // 2
     padded = np.full((h + 2 * ry, w + 2 * rx), bool(border) and not dilate)
     padded[ry:ry + h, rx:rx + w] = mask
+    lo, hi, runs = _footprint_runs(footprint)
+    if not runs:
+        return _morph_taps(padded, footprint, h, w, dilate)
+    cnt = np.zeros((h + 2 * ry, w + 2 * rx + 1), np.int32)
+    for i in range(h + 2 * ry):
+        for j in range(w + 2 * rx):
+            cnt[i, j + 1] = cnt[i, j] + padded[i, j]
+    out = np.empty((h, w), np.bool_)
+    for r in range(h):
+        for c in range(w):
+            v = not dilate
+            for a in range(kh):
+                if lo[a] > hi[a]:
+                    continue
+                n = cnt[r + a, c + hi[a] + 1] - cnt[r + a, c + lo[a]]
+                if dilate and n > 0:
+                    v = True
+                    break
+                if not dilate and n < hi[a] - lo[a] + 1:
+                    v = False
+                    break
+            out[r, c] = v
+    return out
+
+
+@njit(cache=True)
+def _footprint_runs(footprint):
+    """Per footprint row: first and last set column (lo > hi when empty), and whether every row is one run."""
+    kh, kw = footprint.shape
+    lo = np.ones(kh, np.int64)
+    hi = np.zeros(kh, np.int64)
+    runs = True
+    for a in range(kh):
+        first, last, count = -1, -1, 0
+        for b in range(kw):
+            if footprint[a, b]:
+                if first < 0:
+                    first = b
+                last = b
+                count += 1
+        if count:
+            lo[a], hi[a] = first, last
+            runs = runs and count == last - first + 1
+    return lo, hi, runs
+
+
+@njit(cache=True)
+def _morph_taps(padded, footprint, h, w, dilate):
+    kh, kw = footprint.shape
     out = np.full((h, w), not dilate)
     for r in range(h):
         dst = out[r]

@@ -7,6 +7,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy import ndimage as ndi
 
+from cellembed.postprocess import _kernels as _pk
+
 from ._common import check_inst_map, check_type_map
 from . import _directions
 from ._graymask import BACKGROUND, GAP, PARAMS, graymask4
@@ -36,21 +38,29 @@ class CiscaTargets(NamedTuple):
     weights: np.ndarray
 
 
-def weight_map(inst: np.ndarray) -> np.ndarray:
+def weight_map(inst: np.ndarray, reference: bool = False) -> np.ndarray:
     """CISCA.md §1.5: 1 on the radius-6 disk dilation of the foreground, 0.05 elsewhere.
 
     Args:
         inst: (H, W) integer instance map, 0 = background.
+        reference: Euclidean distance transform <= 6 (scipy) instead of the numba dilation by the disk
+            {dy² + dx² <= 36}; the two are the same set.
 
     Returns:
         (H, W) float32.
     """
-    fg = inst > 0
+    fg = np.ascontiguousarray(inst > 0)
     if not fg.any():
         return np.full(inst.shape, WEIGHT_FAR, np.float32)
-    # Euclidean distance <= 6 to the foreground is exactly a dilation by skimage's disk(6), 2x faster.
-    near = ndi.distance_transform_edt(~fg) <= WEIGHT_RADIUS
-    return np.where(near, 1.0, WEIGHT_FAR).astype(np.float32)
+    if reference:
+        near = ndi.distance_transform_edt(~fg) <= WEIGHT_RADIUS
+    else:
+        near = _pk.morph(fg, _WEIGHT_DISK, True, False)
+    return np.where(near, np.float32(1.0), np.float32(WEIGHT_FAR))
+
+
+_r = np.arange(-WEIGHT_RADIUS, WEIGHT_RADIUS + 1)
+_WEIGHT_DISK = np.add.outer(_r ** 2, _r ** 2) <= WEIGHT_RADIUS ** 2
 
 
 def _check_options(magnification: str, directions_mode: str) -> None:
@@ -96,5 +106,5 @@ def cisca_targets(inst_map: np.ndarray, type_map: np.ndarray | None = None, magn
     classes = np.where(gm4 == GAP, BACKGROUND, gm4).astype(np.uint8)
     build = _directions.directions_reference if reference else _directions.directions
     maps = build(inst, _directions.TIP_LENGTH[magnification], directions == "tips")
-    return CiscaTargets(classes, gm4, maps, types, weight_map(inst))
+    return CiscaTargets(classes, gm4, maps, types, weight_map(inst, reference))
 

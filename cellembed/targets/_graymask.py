@@ -12,6 +12,8 @@ import numpy as np
 from scipy import ndimage as ndi
 from skimage.morphology import black_tophat, erosion, reconstruction
 
+from cellembed.postprocess import _kernels as _pk
+
 from . import _kernels
 from ._common import iter_objects
 
@@ -58,17 +60,43 @@ PARAMS = {
 }
 
 
-def _small(mask: np.ndarray, min_size: int, structure: np.ndarray) -> np.ndarray:
-    """Pixels of ``mask`` in connected components of fewer than ``min_size`` pixels."""
+def _small(mask: np.ndarray, min_size: int, structure: np.ndarray, fast: bool = False) -> np.ndarray:
+    """Pixels of ``mask`` in connected components of fewer than ``min_size`` pixels (``structure`` is
+    the 3x3 square or the cross; ``fast``: numba labelling instead of ``ndi.label``)."""
+    if fast:
+        lab, n = _pk.label(np.ascontiguousarray(mask, np.bool_), bool(structure.all()))
+        return _kernels.small_pixels(lab, n, min_size)
     lab, n = ndi.label(mask, structure=structure)
     if n == 0:
         return np.zeros_like(mask)
     return (np.bincount(lab.ravel(), minlength=n + 1) < min_size)[lab] & mask
 
 
-def _fill_holes(mask: np.ndarray, max_hole: int) -> np.ndarray:
+def _fill_holes(mask: np.ndarray, max_hole: int, fast: bool = False) -> np.ndarray:
     """``mask`` with every 4-connected component of its complement smaller than ``max_hole`` set."""
-    return mask | _small(~mask, max_hole, _CROSS3)
+    return mask | _small(~mask, max_hole, _CROSS3, fast)
+
+
+def _dilate(mask: np.ndarray, footprint: np.ndarray, fast: bool) -> np.ndarray:
+    """``ndi.binary_dilation`` (outside = background); numba when ``fast``."""
+    if fast:
+        return _pk.morph(np.ascontiguousarray(mask, np.bool_), footprint, True, False)
+    return ndi.binary_dilation(mask, structure=footprint)
+
+
+def _closing_reflect(mask: np.ndarray, footprint: np.ndarray) -> np.ndarray:
+    """``ndi.grey_closing(mask, footprint, mode="reflect")`` of a binary mask, as numba binary morphology.
+
+    Reflect mode mirrors the image about each edge (np.pad "symmetric"); with a symmetric footprint the
+    dilation of the mirrored image is the mirror of the dilation, so padding by twice the footprint
+    radius, dilating, eroding and cropping gives the reflect-mode closing exactly.
+    """
+    pad = 2 * (max(footprint.shape) // 2)
+    if min(mask.shape) < pad:                      # mirrored more than once: leave it to scipy
+        return ndi.grey_closing(mask.astype(np.uint8), footprint=footprint, mode="reflect") > 0
+    padded = np.pad(mask, pad, mode="symmetric")
+    closed = _pk.morph(_pk.morph(padded, footprint, True, False), footprint, False, True)
+    return closed[pad:-pad, pad:-pad] if pad else closed
 
 
 def _touch_mask_reference(inst: np.ndarray, footprint: np.ndarray) -> np.ndarray:
@@ -90,17 +118,18 @@ def _vanishing(kn: np.ndarray, footprint: np.ndarray, reference: bool) -> np.nda
     if reference:                     # scikit-image as in CISCA's notebook (reflect mode at the border)
         eroded = erosion(kn.astype(np.uint8), footprint)
         return kn & (reconstruction(eroded, kn.astype(np.uint8)) == 0)
-    eroded = ndi.binary_erosion(kn, structure=footprint, border_value=1)
-    lab, n = ndi.label(kn, structure=_SQ3)
+    eroded = _pk.morph(np.ascontiguousarray(kn, np.bool_), footprint, False, True)
+    lab, n = _pk.label(np.ascontiguousarray(kn, np.bool_), True)
     keep = np.zeros(n + 1, bool)
     keep[lab[eroded]] = True
     return kn & ~keep[lab]
 
 
-def _thicken(k: np.ndarray, cell: np.ndarray, min_size: int, grow: np.ndarray, max_hole: int) -> np.ndarray:
+def _thicken(k: np.ndarray, cell: np.ndarray, min_size: int, grow: np.ndarray, max_hole: int,
+             fast: bool = False) -> np.ndarray:
     """Step 4: grow K's pieces smaller than ``min_size`` (and K outside cells) by ``grow``, then fill holes."""
-    small = k & ~(k & cell & ~_small(k & cell, min_size, _CROSS3))
-    return _fill_holes(k | (ndi.binary_dilation(small, structure=grow) & cell), max_hole)
+    small = k & ~(k & cell & ~_small(k & cell, min_size, _CROSS3, fast))
+    return _fill_holes(k | (_dilate(small, grow, fast) & cell), max_hole, fast)
 
 
 def graymask4(inst: np.ndarray, params: GraymaskParams, reference: bool = False) -> np.ndarray:
@@ -116,26 +145,26 @@ def graymask4(inst: np.ndarray, params: GraymaskParams, reference: bool = False)
         (H, W) uint8: 0 boundary, 1 body, 2 background, 3 gap.
     """
     cell = inst > 0
+    fast = not reference
     if reference:
         tophat = black_tophat(inst, params.gap) > 0
-    else:                                          # on background the top-hat equals the closing
-        tophat = ndi.grey_closing(inst, footprint=params.gap, mode="reflect") > 0
+    else:                                          # on background the top-hat equals the closing of the cells
+        tophat = _closing_reflect(cell, params.gap)
     out = np.full(inst.shape, BODY, np.uint8)
     out[~cell] = np.where(tophat[~cell], GAP, BACKGROUND)                       # step 1
-    touch = _touch_mask_reference if reference else _touch_mask
     if reference:
-        k, kn = touch(inst, params.touch), touch(inst, params.near)
+        k, kn = _touch_mask_reference(inst, params.touch), _touch_mask_reference(inst, params.near)
     else:
         lab32 = inst.astype(np.int32)
-        k, kn = touch(lab32, params.touch), touch(lab32, params.near)   # step 2
-    k, kn = _fill_holes(k, params.max_hole), _fill_holes(kn, params.max_hole)   # steps 3, 5 (holes)
-    k = _thicken(k, cell, params.minsize1, params.grow1, params.max_hole)       # step 4
-    k = _thicken(k, cell, params.minsize2, params.grow2, params.max_hole)
+        k, kn = _touch_mask(lab32, params.touch), _touch_mask(lab32, params.near)   # step 2
+    k, kn = _fill_holes(k, params.max_hole, fast), _fill_holes(kn, params.max_hole, fast)   # steps 3, 5 (holes)
+    k = _thicken(k, cell, params.minsize1, params.grow1, params.max_hole, fast)       # step 4
+    k = _thicken(k, cell, params.minsize2, params.grow2, params.max_hole, fast)
     out[k] = BOUNDARY
     out[_vanishing(kn, params.erode, reference)] = BOUNDARY                     # step 5
-    near_boundary = ndi.binary_dilation(out == BOUNDARY, structure=params.touch)
-    out[(out == GAP) & _small(out == GAP, 3, _CROSS3) & near_boundary] = BOUNDARY   # step 6a
-    near_boundary = ndi.binary_dilation(out == BOUNDARY, structure=params.touch)
-    out[(out == BODY) & _small(out == BODY, 2, _CROSS3) & near_boundary] = BOUNDARY  # step 6b
-    out[_small(out == BOUNDARY, 2, _SQ3)] = BODY                                 # step 6c
+    near_boundary = _dilate(out == BOUNDARY, params.touch, fast)
+    out[(out == GAP) & _small(out == GAP, 3, _CROSS3, fast) & near_boundary] = BOUNDARY   # step 6a
+    near_boundary = _dilate(out == BOUNDARY, params.touch, fast)
+    out[(out == BODY) & _small(out == BODY, 2, _CROSS3, fast) & near_boundary] = BOUNDARY  # step 6b
+    out[_small(out == BOUNDARY, 2, _SQ3, fast)] = BODY                                 # step 6c
     return out
