@@ -94,6 +94,22 @@ def test_memory_modes_give_identical_batches(vit, raw, augment):
                 assert np.array_equal(b.targets["inst_map"][i].numpy(), s.inst_map)
 
 
+def test_stream_readers_persist_across_epochs_and_follow_set_epoch(vit):
+    """Stream mode keeps its reader processes between epochs; each epoch (also after one abandoned part-way)
+    is the epoch a fresh RAM loader serves for that epoch number."""
+    stream = make_loader(vit, batch_size=3, memory="stream", augment="dihedral", seed=5, num_workers=2)
+    ram = make_loader(vit, batch_size=3, memory="ram", augment="dihedral", seed=5, num_workers=2)
+    _assert_same_batches(_epoch(stream, 1), _epoch(ram, 1))
+    workers = [w.pid for w in stream._stream._iterator._workers]
+    stream.set_epoch(2)
+    next(iter(stream))                                   # abandoned after one batch
+    for e in (2, 0):
+        _assert_same_batches(_epoch(stream, e), _epoch(ram, e))
+    assert [w.pid for w in stream._stream._iterator._workers] == workers
+    assert _epoch(ram, 0)[0].keys != _epoch(ram, 1)[0].keys or not torch.equal(_epoch(ram, 0)[0].image,
+                                                                               _epoch(ram, 1)[0].image)
+
+
 def test_batch_dtypes_and_shapes(vit):
     b = next(iter(make_loader(vit, batch_size=4, memory="ram", num_workers=0)))
     assert [tuple(f.shape) for f in b.feats] == [(4, 64, 10, 10)] * 3 and b.feats[0].dtype == torch.float32

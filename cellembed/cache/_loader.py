@@ -22,6 +22,7 @@ every tile and turned into a number of copies per cache sample; the plan above t
 
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
 from collections.abc import Iterator
 from itertools import islice
@@ -216,7 +217,7 @@ class Loader:
         b = o["batch_size"]
         self.n_batches = min(n // b if o["drop_last"] else -(-n // b) for n in per_rank)
         self.memory = o["memory"] if o["memory"] != "auto" else choose_memory(self)
-        self.store = self.memo = None
+        self.store = self.memo = self._stream = None
         if self.memory != "stream":
             self.memo = TargetMemo(o["head"], o["magnification"], _memo_budget(self), self.store_device)
             self.store = _load_store(self)
@@ -243,7 +244,11 @@ class Loader:
 
     def __iter__(self) -> Iterator[Batch]:
         if self.memory == "stream":
-            items = iter(data_loader(self.spec(self.epoch), self.o["num_workers"]))
+            if self._stream is None:       # reader processes started once, kept across epochs
+                self._epoch_value = mp.get_context().Value("q", self.epoch, lock=False)
+                self._stream = data_loader(self.spec(self.epoch), self.o["num_workers"], self._epoch_value)
+            self._epoch_value.value = self.epoch
+            items = iter(self._stream)
             for _ in range(self.n_batches):
                 yield self._finish(_collate(_take(items, self.o["batch_size"])))
             return

@@ -94,12 +94,13 @@ def epoch_variants(spec: dict) -> np.ndarray:
 class ShardStream(torch.utils.data.IterableDataset):
     """This rank's samples for one epoch, one stream per DataLoader worker, as prepared per-sample dicts."""
 
-    def __init__(self, spec: dict):
+    def __init__(self, spec: dict, epoch=None):
         super().__init__()
         self.spec = spec
+        self.epoch = epoch      # a shared multiprocessing Value overriding spec["epoch"] (persistent workers)
 
     def __iter__(self):
-        spec = self.spec
+        spec = self.spec if self.epoch is None else {**self.spec, "epoch": int(self.epoch.value)}
         info = torch.utils.data.get_worker_info()
         w = info.id if info is not None else 0
         streams = stream_shards(spec)
@@ -214,8 +215,17 @@ def prepare_sample(index: int, sample, v: int, spec: dict) -> dict:
     return item
 
 
-def data_loader(spec: dict, num_workers: int) -> torch.utils.data.DataLoader:
+def data_loader(spec: dict, num_workers: int, epoch=None) -> torch.utils.data.DataLoader:
+    """A DataLoader over this rank's shard streams.
+
+    Args:
+        spec: from ``Loader.spec``.
+        num_workers: reader processes (0: read in this process).
+        epoch: a ``multiprocessing.Value`` holding the epoch to serve; with it the reader processes persist
+            across epochs (set the value, then iterate again) instead of starting anew each epoch.
+    """
     if num_workers and spec["targets"]:
         sample_targets(np.zeros((8, 8), np.int32), np.zeros((8, 8), np.uint8), spec["head"], spec["magnification"])
-    return torch.utils.data.DataLoader(ShardStream(spec), batch_size=None, num_workers=num_workers,
-                                       prefetch_factor=8 if num_workers else None)
+    return torch.utils.data.DataLoader(ShardStream(spec, epoch), batch_size=None, num_workers=num_workers,
+                                       prefetch_factor=8 if num_workers else None,
+                                       persistent_workers=bool(num_workers) and epoch is not None)
