@@ -192,10 +192,11 @@ def test_cli_fit_score_tune_and_config(caches, tmp_path):
     cfg = tmp_path / "fit.yaml"
     cfg.write_text(f"cache: {caches['train']}\nepochs: 1\nbatch_size: 4\ndevice: cpu\nnum_workers: 0\n")
     res = runner.invoke(app, ["fit-decoder", "--config", str(cfg), "--out", str(tmp_path / "run"),
-                              "--val-cache", str(caches["val"]), "--lr", "1e-3"])
+                              "--val-cache", str(caches["val"]), "--lr", "1e-3", "--shuffle-buffer", "24"])
     assert res.exit_code == 0, res.output
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["config"]["epochs"] == 1 and record["config"]["lr"] == 1e-3
+    assert record["config"]["shuffle_buffer"] == 24
     res = runner.invoke(app, ["score", str(tmp_path / "run"), "--cache", str(caches["val"]), "--workers", "0"])
     assert res.exit_code == 0, res.output
     assert "mpq_plus" in res.output and (tmp_path / "run" / "score-val" / "metrics.json").is_file()
@@ -206,6 +207,9 @@ def test_cli_fit_score_tune_and_config(caches, tmp_path):
     bad.write_text("epochz: 3\n")
     res = runner.invoke(app, ["fit-decoder", "--config", str(bad), "--out", str(tmp_path / "r2")])
     assert res.exit_code == 2 and "epochz" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["fit-decoder", str(caches["train"]), "--out", str(tmp_path / "r4"),
+                              "--shuffle-buffer", "lots", "--workers", "0"])
+    assert res.exit_code == 2 and "shuffle_buffer" in res.output and "Traceback" not in res.output
     res = runner.invoke(app, ["fit-decoder", str(tmp_path / "nope"), "--out", str(tmp_path / "r3")])
     assert res.exit_code == 2 and "nope" in res.output
     res = runner.invoke(app, ["score", str(tmp_path / "run")])

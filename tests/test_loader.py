@@ -3,6 +3,7 @@ CISCA oversampling."""
 
 import shutil
 from collections import Counter
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from cellembed.cache import (
     open_cache,
 )
 from cellembed.cache._augment import allowed_variants, dihedral_batch
+from cellembed.cache._loader import auto_shuffle_buffer
 from cellembed.cache._oversample import (
     OVERSAMPLE_SCHEMES,
     OversampleScheme,
@@ -108,6 +110,23 @@ def test_stream_readers_persist_across_epochs_and_follow_set_epoch(vit):
     assert [w.pid for w in stream._stream._iterator._workers] == workers
     assert _epoch(ram, 0)[0].keys != _epoch(ram, 1)[0].keys or not torch.equal(_epoch(ram, 0)[0].image,
                                                                                _epoch(ram, 1)[0].image)
+
+
+def test_auto_shuffle_buffer_is_a_byte_budget(vit):
+    """"auto" = decoded samples per 64 MB, 16..512, from the manifest (so every mode agrees)."""
+    assert auto_shuffle_buffer(vit) == 512          # tiny test_vit samples: capped
+    auto = make_loader(vit, batch_size=3, memory="ram", seed=2, num_workers=2)
+    _assert_same_batches(_epoch(auto, 1), _epoch(make_loader(vit, batch_size=3, memory="ram", seed=2, num_workers=2,
+                                                             shuffle_buffer=512), 1))
+    giant = SimpleNamespace(manifest={"identity": {"dtype": "fp16"}, "tile_size": 256,
+                                      "levels": [{"channels": 1536, "grid": [16, 16]}] * 4})   # ViT-g/14 deep
+    sample = 4 * 1536 * 16 * 16 * 2 + 256 * 256 * 8
+    assert auto_shuffle_buffer(giant) == (64 << 20) // sample == 18
+    huge = SimpleNamespace(manifest={**giant.manifest, "levels": [{"channels": 1536, "grid": [64, 64]}] * 4})
+    assert auto_shuffle_buffer(huge) == 16
+    for bad in (0, -3, "big", 2.5, True):
+        with pytest.raises(ValueError, match="shuffle_buffer"):
+            make_loader(vit, batch_size=3, memory="stream", shuffle_buffer=bad)
 
 
 def test_batch_dtypes_and_shapes(vit):

@@ -7,7 +7,8 @@ batches for the same seed:
 1. Rank ``r`` of ``world_size`` owns shards ``r, r + world_size, ...`` (fixed for the whole run, so every
    rank's sample count and ``len(loader)`` are the same every epoch).
 2. Its shards are permuted per epoch and dealt to ``max(1, num_workers)`` streams round-robin; each stream
-   reads its shards in order through a seeded shuffle buffer of ``shuffle_buffer`` samples.
+   reads its shards in order through a seeded shuffle buffer of ``shuffle_buffer`` samples ("auto": as many
+   decoded samples as fit in 64 MB, between 16 and 512, computed from the manifest, so the same in every mode).
 3. Streams are interleaved one sample at a time (what a DataLoader over an IterableDataset does with
    ``batch_size=None``) and cut into batches; every rank yields ``len(loader)`` batches, the smallest
    rank's count, so DDP ranks stay in step (in DDP a few samples of the larger ranks sit out each epoch).
@@ -56,7 +57,10 @@ from cellembed.cache._stream import (
 MEMORY_MODES = ("auto", "stream", "ram", "gpu")
 AUGMENTS = ("none", "dihedral")
 OVERSAMPLES = ("none", *OVERSAMPLE_SCHEMES)
-SHUFFLE_BUFFER = 512
+SHUFFLE_BUFFER = "auto"
+SHUFFLE_BUFFER_BYTES = 64 << 20
+"""Byte budget of one stream's shuffle buffer with ``shuffle_buffer="auto"`` (decoded samples)."""
+SHUFFLE_BUFFER_RANGE = (16, 512)
 TARGET_BYTES_PER_PIXEL = 22  # cisca: classes 1 + directions 16 + types 1 + weights 4
 
 
@@ -125,7 +129,7 @@ def _restrict(view: dict, expected: dict) -> dict:
 def make_loader(cache: Cache | str | Path, *, batch_size: int, memory: str = "auto", augment: str = "none",
                 head: str = "cisca", magnification: str = "40x", shuffle: bool = True, seed: int = 0,
                 num_workers: int = 2, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
-                levels: list[str] | None = None, shuffle_buffer: int = SHUFFLE_BUFFER,
+                levels: list[str] | None = None, shuffle_buffer: int | str = SHUFFLE_BUFFER,
                 drop_last: bool = False, oversample: str = "none") -> Loader:
     """A per-epoch iterable of :class:`Batch` over a feature cache.
 
@@ -149,7 +153,10 @@ def make_loader(cache: Cache | str | Path, *, batch_size: int, memory: str = "au
         device: where batches go.
         rank, world_size: this process's DDP rank and the number of ranks (shards are split between them).
         levels: subset of ``cache.level_names`` to serve (default: all), in cache order.
-        shuffle_buffer: samples held per stream when shuffling.
+        shuffle_buffer: samples held per stream when shuffling, or "auto": as many decoded samples (every
+            cached level, image, GT maps) as fit in 64 MB, clamped to 16..512. The buffer bounds stream mode's
+            memory (per reader process), whatever the cache's size; larger buffers mix samples across more
+            shards. Part of the epoch plan: keep it equal to compare modes or seeds.
         drop_last: drop an epoch's incomplete last batch.
         oversample: "none", or CISCA's oversampling of rare classes for a *training* cache, "cisca-pannuke"
             (multipliers 1, 1, 1, 1; 98.5th percentile) or "cisca-conic" (1.6, 1.6, 0.9, 0.9, 0.9; 97th): an
@@ -172,8 +179,11 @@ def _check_options(o: dict, cache: Cache) -> None:
             raise ValueError(f"unknown {name} {o[name]!r}; valid: {', '.join(valid)}")
     if o["magnification"] not in ("20x", "40x"):
         raise ValueError(f"unknown magnification {o['magnification']!r}; valid: 20x, 40x")
-    if o["batch_size"] < 1 or o["num_workers"] < 0 or o["shuffle_buffer"] < 1:
-        raise ValueError("batch_size and shuffle_buffer must be >= 1 and num_workers >= 0")
+    buf = o["shuffle_buffer"]
+    if buf != "auto" and (not isinstance(buf, int) or isinstance(buf, bool) or buf < 1):
+        raise ValueError(f"shuffle_buffer must be 'auto' or an integer >= 1, got {buf!r}")
+    if o["batch_size"] < 1 or o["num_workers"] < 0:
+        raise ValueError("batch_size must be >= 1 and num_workers >= 0")
     if not 0 <= o["rank"] < o["world_size"]:
         raise ValueError(f"rank {o['rank']} is outside world size {o['world_size']}")
     unknown = [n for n in (o["levels"] or []) if n not in cache.level_names]
@@ -196,6 +206,8 @@ class Loader:
 
     def __init__(self, cache: Cache, **o):
         _check_options(o, cache)
+        if o["shuffle_buffer"] == "auto":
+            o = {**o, "shuffle_buffer": auto_shuffle_buffer(cache)}
         self.cache, self.o, self.epoch = cache, o, 0
         self.device = o["device"]
         self.level_names = [n for n in cache.level_names if o["levels"] is None or n in o["levels"]]
@@ -356,6 +368,16 @@ def _bytes_per_sample(loader: Loader) -> int:
     levels = [lv for lv in m["levels"] if lv["name"] in loader.level_names]
     feats = sum(lv["channels"] * lv["grid"][0] * lv["grid"][1] * item for lv in levels)
     return feats + m["tile_size"] ** 2 * (3 + 4 + 1 + TARGET_BYTES_PER_PIXEL)
+
+
+def auto_shuffle_buffer(cache: Cache) -> int:
+    """``shuffle_buffer="auto"``: decoded samples per 64 MB (all levels as stored, image, GT), in 16..512."""
+    m = cache.manifest
+    item = 4 if m["identity"].get("dtype") == "fp32" else 2
+    feats = sum(lv["channels"] * lv["grid"][0] * lv["grid"][1] * item for lv in m["levels"])
+    sample = feats + m["tile_size"] ** 2 * (3 + 4 + 1)
+    lo, hi = SHUFFLE_BUFFER_RANGE
+    return int(min(hi, max(lo, SHUFFLE_BUFFER_BYTES // max(sample, 1))))
 
 
 def available_ram() -> int:

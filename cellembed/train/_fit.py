@@ -80,6 +80,7 @@ class FitConfig:
     seed: int = 0
     device: str = "auto"
     num_workers: int = 2
+    shuffle_buffer: int | str = "auto"
     overwrite: bool = False
     # live source only
     dataset: str | None = None
@@ -216,7 +217,8 @@ def _train_source(c: FitConfig, device: torch.device):
     cache = open_cache(c.cache)
     loader = make_loader(cache, batch_size=c.batch_size, memory=c.memory, augment=_augment(c), head=c.head,
                          magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers,
-                         device=device, levels=_level_names(c.levels), **_oversample(c))
+                         device=device, levels=_level_names(c.levels), shuffle_buffer=c.shuffle_buffer,
+                         **_oversample(c))
     levels = [lv for lv in cache.manifest["levels"] if lv["name"] in loader.level_names]
     return loader, {"kind": "cache", "levels": levels, "tile_size": cache.manifest["tile_size"],
                     "cache_key": cache.cache_key, "class_names": cache.manifest["class_names"],
