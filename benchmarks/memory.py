@@ -23,6 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cellembed.cache import open_cache
+from cellembed.cache._loader import auto_shuffle_buffer
+
 try:
     from benchmarks._common import machine, write_results
 except ImportError:  # run as a script from the benchmarks folder
@@ -138,6 +141,7 @@ def main() -> None:
                 runs.append(measure({**base, "kind": "extract", "shard_size": SHARD}))
             r = sorted(runs, key=lambda x: x["tree_peak_pss_MB"])[len(runs) // 2]
             size = sum(p.stat().st_size for p in Path(cache).rglob("*") if p.is_file()) / 1e6
+            auto_buffer = auto_shuffle_buffer(open_cache(cache))   # the same for both sizes (per-sample bytes)
             results.append({"job": "extract", "scale": f"{scale}×", "tiles": n, "cache MB": size, **r,
                             "all_peaks_MB": [x["tree_peak_pss_MB"] for x in runs]})
             print(results[-1], flush=True)
@@ -170,20 +174,22 @@ def main() -> None:
                "peak RSS, main (MB)": "", "peak RSS, largest worker (MB)": "", "processes": "", "seconds": ""}
               for job, g in growth.items()]
     buffer_mb = {r["scale"]: r["cache MB"] / r["tiles"] for r in results if r["job"] == "extract"}["1×"]
+    auto = auto_buffer  # noqa: F821 (set in the loop)
     description = (
         f"Encoder {args.encoder}, synthetic 256² tiles, caches of {args.tiles} and {args.tiles * args.factor} tiles "
         f"(fp16, shards of {SHARD}, {buffer_mb:.2f} MB per sample), {args.workers} DataLoader workers. Fits: "
         "`fit_decoder`, unetr + cisca, 1 epoch, batch 8, no validation; `stream, shuffle_buffer=N`: the same "
-        "training loop on `make_loader(memory=\"stream\", shuffle_buffer=N)` (fit_decoder uses the default of "
-        "512 samples per stream). Each job in a fresh subprocess; peak PSS of its whole process tree (main + "
+        "training loop on `make_loader(memory=\"stream\", shuffle_buffer=N)`; fit_decoder uses the default "
+        f"`shuffle_buffer=\"auto\"` ({auto} samples per stream here: 64 MB of decoded samples, 16..512). Each job in a "
+        "fresh subprocess; peak PSS of its whole process tree (main + "
         f"workers) polled every 50 ms; extraction: median of {args.extract_repeats} runs per size. Target: flat, "
         "i.e. the 10× cache's peak within "
         f"{MAX_GROWTH:.2f}× of the 1× peak. Extraction: {growth['extract']:.2f}× "
         f"({'flat' if flat['extract'] else 'NOT flat'}). Streaming fit with the default buffer: "
-        f"{growth['fit, memory=stream']:.2f}× ({'flat' if flat['fit, memory=stream'] else 'NOT flat'}): each worker "
-        "holds up to 512 *decoded* samples in its shuffle buffer, so streaming memory grows with the cache until a "
-        f"stream's share passes 512 samples (here {args.tiles * args.factor // max(1, args.workers)} per stream); "
-        f"the bound is 512 × workers × sample size, not the cache. With a {args.buffer}-sample buffer: "
+        f"{growth['fit, memory=stream']:.2f}× ({'flat' if flat['fit, memory=stream'] else 'NOT flat'}): a worker "
+        "holds at most the buffer's decoded samples, so streaming memory stops growing once a stream's share of "
+        f"the cache passes the buffer (here {args.tiles // max(1, args.workers)} and "
+        f"{args.tiles * args.factor // max(1, args.workers)} samples per stream). With a {args.buffer}-sample buffer: "
         f"{growth[small]:.2f}× ({'flat' if flat[small] else 'NOT flat'}). Control: the ram fit, which decodes the "
         f"whole cache, {growth['fit, memory=ram']:.2f}×.")
     payload = {"machine": machine(), "args": {k: v for k, v in vars(args).items() if k != "child"},

@@ -1,8 +1,10 @@
 """The training-time cache reader: memory modes, dihedral augmentation, refusal, DDP split, corrupt shards,
 CISCA oversampling."""
 
+import os
 import shutil
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +19,14 @@ from cellembed.cache import (
     make_loader,
     open_cache,
 )
-from cellembed.cache._augment import allowed_variants, dihedral_batch
+from cellembed.cache._augment import (
+    TargetMemo,
+    allowed_variants,
+    dihedral_batch,
+    dihedral_np,
+    dihedral_targets,
+    sample_targets,
+)
 from cellembed.cache._loader import auto_shuffle_buffer
 from cellembed.cache._oversample import (
     OVERSAMPLE_SCHEMES,
@@ -26,7 +35,12 @@ from cellembed.cache._oversample import (
     extra_classes,
     instance_class_counts,
 )
+from cellembed.data import make_synthetic_tile
 from cellembed.targets import cisca_targets, hover_targets
+from cellembed.targets._common import check_inst_map
+from cellembed.targets._directions import dihedral_safe
+
+REALDATA = Path(os.environ.get("CELLEMBED_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
 
 
 def _extract(out, encoder):
@@ -162,6 +176,52 @@ def test_dihedral_transforms_levels_image_and_gt_jointly(convnext):
                 assert np.array_equal(b.targets["types"][i].numpy(), t.types)
                 assert np.array_equal(b.targets["weights"][i].numpy(), t.weights)
     assert len(seen) >= 5 and seen & {1, 3, 5, 7}  # quarter turns included
+
+
+def _dihedral_cases():
+    cases = [(t.inst_map, t.type_map, mag) for mag in ("20x", "40x")
+             for t in (make_synthetic_tile(7, i, size=96) for i in range(4))]
+    consep = REALDATA / "consep_tiles256" / "labels.npz"
+    if consep.exists():
+        data = np.load(consep)
+        cases += [(data["inst"][i], data["cls"][i].astype(np.uint8), "40x") for i in range(0, 432, 27)]
+    return cases
+
+
+def test_flipped_cisca_targets_equal_targets_of_the_flipped_maps():
+    """The memo derives a variant's targets by flipping the unaugmented ones: same as recomputing them."""
+    for inst, typ, mag in _dihedral_cases():
+        assert dihedral_safe(check_inst_map(inst))
+        base = sample_targets(inst, typ, "cisca", mag)
+        for v in range(8):
+            want = sample_targets(dihedral_np(inst, v), dihedral_np(typ, v), "cisca", mag)
+            got = dihedral_targets(base, v)
+            assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), (mag, v)
+
+
+def test_diagonal_line_instance_is_recomputed_per_variant():
+    """An instance on one diagonal gets -1 on that diagonal map; flipping would give +1, so the memo
+    recomputes such tiles per variant and still serves exactly the recomputed targets."""
+    inst = np.zeros((24, 24), np.int32)
+    inst[4:12, 4:12] = 1
+    inst[15, 16] = inst[16, 15] = 2                  # r + c constant, 2 rows x 2 columns
+    typ = (inst > 0).astype(np.uint8)
+    assert not dihedral_safe(check_inst_map(inst))
+    base = sample_targets(inst, typ, "cisca", "40x")
+    flipped = [v for v in range(8) if not torch.equal(dihedral_targets(base, v)["directions"],
+                                                      sample_targets(dihedral_np(inst, v), typ, "cisca",
+                                                                     "40x")["directions"])]
+    assert flipped                                   # the check is needed
+    memo = TargetMemo("cisca", "40x", 1 << 30, torch.device("cpu"))
+    for v in range(8):
+        want = sample_targets(dihedral_np(inst, v), dihedral_np(typ, v), "cisca", "40x")
+        got = memo.get(0, v, inst, typ)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    safe = TargetMemo("cisca", "40x", 1 << 30, torch.device("cpu"))
+    tile = make_synthetic_tile(7, 0, size=96)
+    for v in range(8):
+        safe.get(0, v, tile.inst_map, tile.type_map)
+    assert list(safe.store) == [(0, 0)]              # only the unaugmented targets are kept
 
 
 def test_non_square_grids_only_get_shape_keeping_variants():

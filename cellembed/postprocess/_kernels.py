@@ -28,25 +28,52 @@ def morph(mask, footprint, dilate, border):
     lo, hi, runs = _footprint_runs(footprint)
     if not runs:
         return _morph_taps(padded, footprint, h, w, dilate)
-    cnt = np.zeros((h + 2 * ry, w + 2 * rx + 1), np.int32)
-    for i in range(h + 2 * ry):
-        for j in range(w + 2 * rx):
+    hp, wp = padded.shape
+    cnt = np.zeros((hp, wp + 1), np.int32)
+    for i in range(hp):
+        for j in range(wp):
             cnt[i, j + 1] = cnt[i, j] + padded[i, j]
-    out = np.empty((h, w), np.bool_)
-    for r in range(h):
-        for c in range(w):
-            v = not dilate
-            for a in range(kh):
-                if lo[a] > hi[a]:
-                    continue
-                n = cnt[r + a, c + hi[a] + 1] - cnt[r + a, c + lo[a]]
-                if dilate and n > 0:
-                    v = True
-                    break
-                if not dilate and n < hi[a] - lo[a] + 1:
-                    v = False
-                    break
-            out[r, c] = v
+    # each distinct row run: the padded rows dilated (or eroded) horizontally by it, then rows combined
+    which = np.full(kh, -1, np.int64)
+    n_runs = 0
+    for a in range(kh):
+        if lo[a] > hi[a]:
+            continue
+        for b in range(a):
+            if which[b] >= 0 and lo[b] == lo[a] and hi[b] == hi[a]:
+                which[a] = which[b]
+                break
+        if which[a] < 0:
+            which[a] = n_runs
+            n_runs += 1
+    horiz = np.empty((max(n_runs, 1), hp, w), np.bool_)
+    done = np.zeros(max(n_runs, 1), np.bool_)
+    for a in range(kh):
+        k = which[a]
+        if k < 0 or done[k]:
+            continue
+        done[k] = True
+        width = hi[a] - lo[a] + 1
+        for i in range(hp):
+            src = cnt[i]
+            dst = horiz[k, i]
+            for c in range(w):
+                n = src[c + hi[a] + 1] - src[c + lo[a]]
+                dst[c] = n > 0 if dilate else n == width
+    out = np.full((h, w), not dilate)
+    for a in range(kh):
+        k = which[a]
+        if k < 0:
+            continue
+        for r in range(h):
+            src = horiz[k, r + a]
+            dst = out[r]
+            if dilate:
+                for c in range(w):
+                    dst[c] |= src[c]
+            else:
+                for c in range(w):
+                    dst[c] &= src[c]
     return out
 
 

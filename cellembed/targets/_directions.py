@@ -67,3 +67,19 @@ def directions(inst: np.ndarray, b: int, tips: bool) -> np.ndarray:
     labels, n = dense_labels(inst)
     ext = _kernels.label_extents(labels, n)
     return _kernels.fill_directions(labels, ext, int(b), DIAG_FACTOR * b, bool(tips))
+
+
+def dihedral_safe(inst: np.ndarray) -> bool:
+    """Whether the fullrange maps of every dihedral variant of ``inst`` are the variant's signed channel
+    permutation of these maps (``cellembed.cache._augment.DIRECTION_MAP``).
+
+    The ramps are linear in r, c, r + c and c - r, so a flip or quarter turn only swaps h/v, swaps tl/bl and
+    changes signs. The one exception: an instance spanning >= 2 rows and columns whose r + c or c - r is
+    constant (a diagonal line of pixels) gets -1 on that map, which a sign change would make +1.
+    """
+    labels, n = dense_labels(inst)
+    ext = _kernels.label_extents(labels, n)[1:]
+    present = ext[:, 0] <= ext[:, 1]
+    wide = (ext[:, 0] != ext[:, 1]) & (ext[:, 2] != ext[:, 3])
+    flat = (ext[:, 4] == ext[:, 5]) | (ext[:, 6] == ext[:, 7])
+    return not bool(np.any(present & wide & flat))
