@@ -170,8 +170,6 @@ def _merge_config(ctx: typer.Context, path: Path | None, cls, fields: dict):
             value = {**data.get("dataset_options", {}), **_parse_options(value)}
         elif isinstance(value, Path):
             value = str(value)
-        elif name == "shuffle_buffer" and isinstance(value, str) and value.isdigit():
-            value = int(value)
         if value is not None or explicit:
             data[fields.get(name, name)] = value
     return from_dict(cls, data, str(path) if path else "command line")
@@ -208,7 +206,7 @@ def fit_decoder(
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="Loader worker processes."),
-    shuffle_buffer: str = typer.Option("auto", help="Samples each stream-mode reader holds to shuffle: auto "
+    shuffle_buffer: str = typer.Option("auto", callback=lambda v: int(v) if v.isdigit() else v, help="Samples each stream-mode reader holds to shuffle: auto "
                                        "(as many as fit in 64 MB, 16..512) or a number. Part of the batch order."),
     overwrite: bool = typer.Option(False, help="Replace another run in --out."),
     source: str = typer.Option("cache", help="cache | live (the encoder runs in the loop; needs --dataset, "

@@ -97,6 +97,17 @@ def test_features_match_a_direct_encoder_forward(reference):
         torch.testing.assert_close(cached.float(), direct[0].half().float(), atol=1e-3, rtol=1e-3)
 
 
+def interrupted_extract(out) -> None:
+    """An extraction into ``out`` stopped by a KeyboardInterrupt after 5 tiles."""
+
+    def stop_after_five(done, total, nbytes):
+        if done >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract(config(out), progress=stop_after_five)
+
+
 def test_rerun_skips_everything_and_reproduces_manifest(reference, tmp_path):
     out, _ = reference
     again = extract(config(tmp_path / "c"))
@@ -108,13 +119,7 @@ def test_rerun_skips_everything_and_reproduces_manifest(reference, tmp_path):
 
 def test_interrupted_extract_resumes_to_identical_manifest(reference, tmp_path):
     out, _ = reference
-
-    def stop_after_five(done, total, nbytes):
-        if done >= 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        extract(config(tmp_path / "c"), progress=stop_after_five)
+    interrupted_extract(tmp_path / "c")
     assert not (tmp_path / "c" / "manifest.json").exists()
     assert not list((tmp_path / "c").glob(".*.tmp"))  # the unfinished shard was dropped
     kept = sorted(p.name for p in (tmp_path / "c").glob("shard-*.tar"))
@@ -308,13 +313,7 @@ def test_repair_keeps_the_names_other_ranks_wrote(tmp_path):
 
 def test_repair_of_an_unfinished_cache_resumes_it(reference, tmp_path):
     ref, _ = reference
-
-    def stop_after_five(done, total, nbytes):
-        if done >= 5:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        extract(config(tmp_path / "c"), progress=stop_after_five)
+    interrupted_extract(tmp_path / "c")
     result = extract(config(tmp_path / "c", repair=True))
     assert result.n_skipped > 0 and read_manifest(tmp_path / "c") == read_manifest(ref)
 

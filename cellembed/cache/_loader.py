@@ -362,22 +362,24 @@ def _load_store(loader: Loader) -> dict:
     return store
 
 
-def _bytes_per_sample(loader: Loader) -> int:
-    m = loader.cache.manifest
-    item = 4 if m["identity"].get("dtype") == "fp32" else 2
-    levels = [lv for lv in m["levels"] if lv["name"] in loader.level_names]
+def _decoded_bytes(manifest: dict, level_names: list[str] | None = None) -> int:
+    """Bytes of one decoded sample: the levels (all, or ``level_names``) as stored, the image and the GT maps."""
+    item = 4 if manifest["identity"].get("dtype") == "fp32" else 2
+    levels = [lv for lv in manifest["levels"] if level_names is None or lv["name"] in level_names]
     feats = sum(lv["channels"] * lv["grid"][0] * lv["grid"][1] * item for lv in levels)
-    return feats + m["tile_size"] ** 2 * (3 + 4 + 1 + TARGET_BYTES_PER_PIXEL)
+    return feats + manifest["tile_size"] ** 2 * (3 + 4 + 1)
+
+
+def _bytes_per_sample(loader: Loader) -> int:
+    """A served sample in RAM/GPU mode: its decoded bytes plus its memoised targets."""
+    m = loader.cache.manifest
+    return _decoded_bytes(m, loader.level_names) + m["tile_size"] ** 2 * TARGET_BYTES_PER_PIXEL
 
 
 def auto_shuffle_buffer(cache: Cache) -> int:
     """``shuffle_buffer="auto"``: decoded samples per 64 MB (all levels as stored, image, GT), in 16..512."""
-    m = cache.manifest
-    item = 4 if m["identity"].get("dtype") == "fp32" else 2
-    feats = sum(lv["channels"] * lv["grid"][0] * lv["grid"][1] * item for lv in m["levels"])
-    sample = feats + m["tile_size"] ** 2 * (3 + 4 + 1)
     lo, hi = SHUFFLE_BUFFER_RANGE
-    return int(min(hi, max(lo, SHUFFLE_BUFFER_BYTES // max(sample, 1))))
+    return int(min(hi, max(lo, SHUFFLE_BUFFER_BYTES // max(_decoded_bytes(cache.manifest), 1))))
 
 
 def available_ram() -> int:

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.morphology import disk
 
 from cellembed.postprocess import _kernels as _pk
 
@@ -59,8 +60,7 @@ def weight_map(inst: np.ndarray, reference: bool = False) -> np.ndarray:
     return np.where(near, np.float32(1.0), np.float32(WEIGHT_FAR))
 
 
-_r = np.arange(-WEIGHT_RADIUS, WEIGHT_RADIUS + 1)
-_WEIGHT_DISK = np.add.outer(_r ** 2, _r ** 2) <= WEIGHT_RADIUS ** 2
+_WEIGHT_DISK = disk(WEIGHT_RADIUS).astype(bool)   # {dy² + dx² <= 36}
 
 
 def _check_options(magnification: str, directions_mode: str) -> None:

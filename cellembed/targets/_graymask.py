@@ -65,7 +65,9 @@ def _small(mask: np.ndarray, min_size: int, structure: np.ndarray, fast: bool = 
     the 3x3 square or the cross; ``fast``: numba labelling instead of ``ndi.label``)."""
     if fast:
         lab, n = _pk.label(np.ascontiguousarray(mask, np.bool_), bool(structure.all()))
-        return _kernels.small_pixels(lab, n, min_size)
+        small = (_pk.areas(lab, n) < min_size).astype(np.uint8)
+        small[0] = 0
+        return _pk.lookup(lab, small).view(np.bool_)
     lab, n = ndi.label(mask, structure=structure)
     if n == 0:
         return np.zeros_like(mask)

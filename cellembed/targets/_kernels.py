@@ -7,10 +7,10 @@ Every kernel has a numpy/scikit-image twin that is its executable specification:
 | ``foreign_within`` | ``_graymask._touch_mask_reference`` (per-instance dilation sum, as CISCA's notebook) |
 | ``label_extents`` + ``fill_directions`` | ``_directions.directions_reference`` (per-instance bbox loop) |
 | ``label_moments`` + ``fill_hover`` | ``_hover.hover_hv_reference`` (HoVer-Net's per-instance loop) |
-| ``small_pixels`` (after ``postprocess._kernels.label``) | ``_graymask._small`` with ``ndi.label`` |
 
-The graymask's binary morphology (dilation, erosion, the reflect-mode closing) uses
-``cellembed.postprocess._kernels.morph``; its twins are scipy's and scikit-image's operators.
+The graymask's binary morphology (dilation, erosion, the reflect-mode closing) and its small-component
+filter use ``cellembed.postprocess._kernels`` (``morph``, ``label``, ``areas``, ``lookup``); their twins are
+scipy's and scikit-image's operators.
 
 Labels passed in are int32 and dense enough to index tables of size ``n = max id + 1``
 (the wrappers compact them first when they are not).
@@ -164,18 +164,3 @@ def fill_hover(inst, mom, min_area):
                     out[1, r, c] = y / scale[lab, 2] if y < 0 else (y / scale[lab, 3] if y > 0 else 0.0)
     return out
 
-
-@njit(cache=True, nogil=True)
-def small_pixels(labels, n, min_size):
-    """Pixels of components (``labels`` 1..n, 0 = outside) with fewer than ``min_size`` pixels."""
-    h, w = labels.shape
-    sizes = np.zeros(n + 1, np.int64)
-    for r in range(h):
-        for c in range(w):
-            sizes[labels[r, c]] += 1
-    out = np.zeros((h, w), np.bool_)
-    for r in range(h):
-        for c in range(w):
-            lab = labels[r, c]
-            out[r, c] = lab != 0 and sizes[lab] < min_size
-    return out
