@@ -5,26 +5,29 @@ only (432 tiles from 27 source images of 1000²), split *by source image* with t
 (tiles grouped by ``group_regex='(.+)_\\d+$'``, seeded): 18 images (288 tiles) train, 3 (48) validation, 6 (96)
 test. Tiles of one image overlap, so no image straddles two splits.
 
-Every variant trains the unetr decoder with CISCA heads through ``fit_decoder`` for the same epochs, batch size,
-learning rate and seed, validates every epoch on the validation cache (best checkpoint by validation PQ), and is
-scored on the test cache with ``score_run`` (PQ, mPQ+, AJI; CoNSeP's 4 classes):
+Every variant trains with ``fit_decoder``'s defaults (the point of the benchmark: a user who runs
+``cellembed fit-decoder`` without tuning options gets these numbers), one run per seed, validates every epoch on
+the validation cache (best checkpoint by validation PQ, then the minimum area tuned on validation), and is scored
+on the test cache with ``score_run`` (PQ, mPQ+, AJI; CoNSeP's 4 classes); cells are mean ± sd over the seeds:
 
-* ``pretrained, cache, none``: EfficientNet-Lite0 with its packaged ImageNet weights, features cached, no
-  augmentation (the paper's cache protocol);
-* ``random, cache, none``: the same architecture with random weights;
-* ``pretrained, cache, dihedral``: feature-space flips / quarter turns of the cached levels (targets recomputed);
-* ``pretrained, live, full``: the encoder in the loop with CISCA's full image-space augmentation.
+* ``pretrained, cache, dihedral``: EfficientNet-Lite0 with its packaged ImageNet weights, features cached,
+  feature-space flips / quarter turns of the cached levels (targets recomputed);
+* ``pretrained, live, full``: the encoder in the loop with CISCA's full image-space augmentation (what caching
+  gives up);
+* ``pretrained, cache, none``: no augmentation (the paper's cache protocol);
+* ``random, cache, dihedral``: the same architecture with random weights.
 
 Wall time per variant is the fit (training + validation every epoch) plus, for cache variants, the extraction of
 the train and validation caches (shared by the two pretrained cache variants, counted for each). Skips cleanly
 (exit 0) when the data are absent.
 
-    python benchmarks/quality_consep.py [--epochs 10] [--lr 3e-3]
+    python benchmarks/quality_consep.py [--seeds 0 1 2] [--variants ...] [--epochs E] [--lr LR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -42,10 +45,10 @@ except ImportError:  # run as a script from the benchmarks folder
 ENCODER = "efficientnet_lite0_in1k"
 GROUPS = r"(.+)_\d+$"
 VARIANTS = {  # name: (weights, source, augment)
-    "pretrained, cache, none": ("packaged", "cache", "none"),
-    "random, cache, none": ("random", "cache", "none"),
     "pretrained, cache, dihedral": ("packaged", "cache", "dihedral"),
     "pretrained, live, full": ("packaged", "live", "full"),
+    "pretrained, cache, none": ("packaged", "cache", "none"),
+    "random, cache, dihedral": ("random", "cache", "dihedral"),
 }
 
 
@@ -65,16 +68,17 @@ def extract_splits(root: Path, weights: str, tmp: Path, workers: int) -> tuple[d
     return paths, seconds
 
 
-def run_variant(name: str, caches: dict, root: Path, args, tmp: Path) -> dict:
+def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int) -> dict:
     from cellembed.evaluate import score_run
     from cellembed.train import FitConfig, fit_decoder
 
     weights, source, augment = VARIANTS[name]
     c = caches[weights]
-    common = {"out": str(tmp / f"run-{name.replace(', ', '-')}"), "val_cache": c["val"], "decoder": "unetr",
-              "head": "cisca", "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-              "augment": augment, "seed": 0, "device": "cpu", "num_workers": args.workers, "best_metric": "pq",
-              "overwrite": True}
+    # every fit option not named here is fit-decoder's default (the point: defaults that converge)
+    common = {"out": str(tmp / f"run-{name.replace(', ', '-')}-{seed}"), "val_cache": c["val"], "augment": augment,
+              "seed": seed, "device": "cpu", "num_workers": args.workers, "overwrite": True,
+              **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
+                 if v is not None}}
     if source == "cache":
         cfg = FitConfig(cache=c["train"], source="cache", memory="ram", **common)
     else:
@@ -84,7 +88,8 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path) -> dict:
 
     def on_epoch(e: int, n: int, m: dict) -> None:
         stamps.append(time.perf_counter())
-        print(f"  [{name}] epoch {e}/{n} loss {m['train_loss']:.3f} val PQ {m.get('val_pq')}", flush=True)
+        print(f"  [{name} seed {seed}] epoch {e}/{n} loss {m['train_loss']:.3f} val PQ {m.get('val_pq'):.3f}",
+              flush=True)
 
     fit = fit_decoder(cfg, on_epoch=on_epoch)
     # an epoch's wall time minus its training part: validation, checkpoints, metrics line
@@ -92,20 +97,30 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path) -> dict:
     score = score_run(fit.run_dir, c["test"], device="cpu", num_workers=args.workers, n_overlays=0, overwrite=True)
     s = score.metrics["summary"]
     extract_s = c["seconds"] if source == "cache" else 0.0
-    return {"variant": name, "weights": weights, "source": source, "augment": augment,
-            "pq": s["pq"], "mpq_plus": s["mpq_plus"], "aji": s["aji"], "best_epoch": fit.best["epoch"],
-            "best_val_pq": fit.best["value"], "fit_seconds": fit.seconds, "extract_seconds": extract_s,
+    tuned = json.loads((fit.run_dir / "config.json").read_text())["postprocess"]["min_area"]
+    return {"variant": name, "seed": seed, "weights": weights, "source": source, "augment": augment,
+            "config": {k: getattr(cfg, k) for k in ("epochs", "lr", "batch_size", "loss", "refine", "image_skip")},
+            "pq": s["pq"], "mpq_plus": s["mpq_plus"], "aji": s["aji"], "dq": s["dq"], "sq": s["sq"],
+            "best_epoch": fit.best["epoch"], "best_val_pq": fit.best["value"], "min_area": tuned,
+            "fit_seconds": fit.seconds, "extract_seconds": extract_s,
             "score_seconds": score.seconds, "epoch_seconds": [h["train_seconds"] for h in fit.history],
-            "val_seconds": val_seconds,
-            "history": fit.history}
+            "val_seconds": val_seconds, "history": fit.history}
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
+    from cellembed.train import FitConfig
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--lr", type=float, default=3e-3, help="OneCycle peak (the library default 1e-4 is for "
-                                                                "100-epoch runs)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=None, help="default: fit-decoder's")
+    parser.add_argument("--lr", type=float, default=None, help="OneCycle peak; default: fit-decoder's")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: fit-decoder's")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--name", default="quality_consep_cpu")
@@ -122,35 +137,47 @@ def main() -> None:
             paths, seconds = extract_splits(root, weights, tmp, args.workers)
             caches[weights] = {**paths, "seconds": seconds}
             print(f"extracted {weights} caches in {seconds:.0f} s (train + val)", flush=True)
-        rows = [run_variant(name, caches, root, args, tmp) for name in args.variants]
+        rows = [run_variant(name, caches, root, args, tmp, seed) for name in args.variants for seed in args.seeds]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    table = [{"variant": r["variant"], "PQ": f"{r['pq']:.3f}", "mPQ+": f"{r['mpq_plus']:.3f}",
-              "AJI": f"{r['aji']:.3f}", "best epoch (val PQ)": f"{r['best_epoch']} ({r['best_val_pq']:.3f})",
-              "median epoch s (train)": f"{statistics.median(r['epoch_seconds']):.1f}",
-              "median validation s": f"{statistics.median(r['val_seconds']):.1f}",
-              "fit s (train + val)": f"{r['fit_seconds']:.0f}", "extract s (train + val)": f"{r['extract_seconds']:.0f}",
-              "total s": f"{r['fit_seconds'] + r['extract_seconds']:.0f}"} for r in rows]
+    table = []
+    for name in args.variants:
+        rs = [r for r in rows if r["variant"] == name]
+        fit_s = [r["fit_seconds"] for r in rs]
+        table.append({"variant": name, "seeds": len(rs), "PQ": _mean_sd([r["pq"] for r in rs]),
+                      "mPQ+": _mean_sd([r["mpq_plus"] for r in rs]), "AJI": _mean_sd([r["aji"] for r in rs]),
+                      "DQ": _mean_sd([r["dq"] for r in rs]), "SQ": _mean_sd([r["sq"] for r in rs]),
+                      "best epochs": ", ".join(str(r["best_epoch"]) for r in rs),
+                      "min area (tuned)": ", ".join(str(r["min_area"]) for r in rs),
+                      "median epoch s (train)": f"{statistics.median(sum((r['epoch_seconds'] for r in rs), [])):.1f}",
+                      "fit s per seed": f"{statistics.mean(fit_s):.0f}",
+                      "extract s (train + val)": f"{rs[0]['extract_seconds']:.0f}"})
+    d = FitConfig(out="-")
+    cfg = rows[0]["config"]
     description = (
         f"CoNSeP train images only (432 tiles of 256², 27 source images), split by source image with the `cisca` "
         f"scheme (group_regex `{GROUPS}`): 288 train / 48 validation / 96 test tiles (18 / 3 / 6 images). Encoder "
-        f"{ENCODER} (224² input, default stages); decoder unetr with CISCA heads, Mind-the-Gap loss; "
-        f"{args.epochs} epochs, batch {args.batch_size}, AdamW + OneCycle to a peak lr of {args.lr:g} (short runs "
-        "need a higher peak than the 100-epoch default of 1e-4), seed 0; validation every epoch, best checkpoint by "
-        "validation PQ, scored on the test split (40x post-processing defaults). Cache runs read from RAM. Wall "
-        f"times on this CPU ({torch.get_num_threads()} torch threads, {args.workers} workers); 'total' adds the "
-        "extraction of the train and validation caches to cache variants. One seed: differences of a few PQ "
-        "points are within run-to-run noise at this size.")
+        f"{ENCODER}, frozen, packaged ImageNet weights unless 'random', input at the tile's native 256 px "
+        f"(`--input-policy auto`); everything else is `fit-decoder`'s defaults: unetr decoder with the "
+        f"full-resolution refinement (refine={d.refine}) and image skip ({d.image_skip}), CISCA heads, loss "
+        f"{d.loss}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW + OneCycle to a peak lr of "
+        f"{cfg['lr']:g}, best epoch by validation PQ, then the minimum instance area tuned on validation "
+        "(`--tune`); scored on the test split with 40x CISCA post-processing. Cache runs read from RAM; "
+        "'dihedral' flips / quarter-turns the cached levels, image and GT together; 'live, full' runs the encoder "
+        "in the loop with CISCA's full image-space augmentation. Each cell: mean ± sd over seeds "
+        f"{', '.join(map(str, args.seeds))} (the seed sets decoder init and batch order). Wall times on this CPU "
+        f"({torch.get_num_threads()} torch threads, {args.workers} workers).")
     payload = {"machine": machine(), "args": vars(args), "rows": rows, "seconds": time.perf_counter() - t0,
                "description": description}
 
     def plot(ax):
         for i, r in enumerate(rows):
             ax.plot([h["epoch"] for h in r["history"]], [h.get("val_pq") or 0 for h in r["history"]],
-                    marker="o", color=f"C{i}", label=f"{r['variant']} (test PQ {r['pq']:.3f})")
+                    color=f"C{args.variants.index(r['variant'])}", alpha=0.8,
+                    label=r["variant"] if r["seed"] == args.seeds[0] else None)
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation PQ")
-        ax.set_title("CoNSeP, EfficientNet-Lite0 + unetr/CISCA")
+        ax.set_title("CoNSeP, EfficientNet-Lite0 + unetr/CISCA (one line per seed)")
         ax.legend(fontsize=7)
 
     md = write_results(args.name, payload, table, plot)

@@ -114,7 +114,8 @@ def extract(
     scheme: str | None = typer.Option(None, help="Split scheme: pannuke-official[:T,V,E] | cisca | folds-csv | all."),
     blocks: str = typer.Option("default", help="shallow | deep | mixed | stages | default | explicit list like 2,5,10,20"),
     weights: str = typer.Option("hub", help="hub | random | packaged | PATH to a weights file"),
-    input_policy: str = typer.Option("resize", help="resize (to the encoder's native size) | native-grid"),
+    input_policy: str = typer.Option("auto", help="auto (native-grid for CNN / hierarchical encoders, resize for "
+                                     "ViTs) | resize (to the encoder's native size) | native-grid (keep the tile's scale)"),
     dtype: str = typer.Option("fp16", help="Storage dtype: fp16 | bf16 | fp32"),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -200,7 +201,15 @@ def fit_decoder(
     postprocess: str | None = typer.Option(None, help="Post-processing preset (cisca: 40x, 20x, pannuke, conic, "
                                               "monuseg, cytodark0_40x, cytodark0_20x). Default: the dataset's."),
     levels: str | None = typer.Option(None, help="Subset of cached levels, e.g. block_17,block_23."),
-    image_skip: bool = typer.Option(False, help="unetr: add a skip from the raw image kept in the cache."),
+    image_skip: bool | None = typer.Option(None, "--image-skip/--no-image-skip", help="Feed the raw tile kept in the "
+                                           "cache to the decoder (default: on for unetr, off for light)."),
+    refine: bool = typer.Option(True, "--refine/--no-refine", help="unetr: BatchNorm fuse convs and a "
+                                "full-resolution refinement (with --image-skip: image features at full and half "
+                                "resolution); --no-refine: Mind the Gap's narrow 16-channel full-resolution conv."),
+    patience: int | None = typer.Option(None, min=1, help="Stop after this many epochs without a better "
+                                        "--best-metric (early stopping; default: run every epoch)."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="After training, pick the minimum instance area on "
+                              "--val-cache (as `cellembed tune`) and save it with the run."),
     best_metric: str = typer.Option("pq", help="Validation value that picks model.safetensors: pq | mpq_plus | "
                                     "aji | loss ... (lower is better for losses)."),
     seed: int = typer.Option(0),
@@ -218,7 +227,7 @@ def fit_decoder(
     encoder: str | None = typer.Option(None, help="live: encoder preset."),
     blocks: str = typer.Option("default", help="live: block preset or list."),
     weights: str = typer.Option("hub", help="live: hub | random | packaged | PATH"),
-    input_policy: str = typer.Option("resize", help="live: resize | native-grid"),
+    input_policy: str = typer.Option("auto", help="live: auto | resize | native-grid (as for extract)"),
     dtype: str = typer.Option("fp16", help="live: feature dtype, as the cache would store it"),
     option: list[str] = typer.Option([], "--option", "-o", help="live: dataset option KEY=VALUE, repeatable."),
 ):

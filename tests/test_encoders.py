@@ -185,6 +185,24 @@ def test_native_grid_sizes():
         input_hw_for(get_spec("uni"), "crop", 256)
 
 
+def test_auto_policy_keeps_cnns_at_native_size_and_resizes_vits():
+    from cellembed.encoders._build import input_hw_for, resolve_input_policy
+
+    # a CNN takes any multiple of its stride: the 256 px tile is not squeezed to the ImageNet 224
+    assert resolve_input_policy(get_spec("efficientnet_lite0_in1k"), "auto") == "native-grid"
+    assert input_hw_for(get_spec("efficientnet_lite0_in1k"), "auto", 256) == (256, 256)
+    assert input_hw_for(get_spec("convnext_b_22k"), "auto", 256) == (256, 256)
+    assert input_hw_for(get_spec("maxvit_b_21k"), "auto", 256) == (224, 224)  # fixed partitions stay native
+    # ViTs keep the papers' protocol (position embeddings at their native size)
+    assert resolve_input_policy(get_spec("uni2_h"), "auto") == "resize"
+    assert input_hw_for(get_spec("vit_h_142m"), "auto", 256) == (518, 518)
+    assert resolve_input_policy(get_spec("uni2_h"), "native-grid") == "native-grid"
+    enc = build_encoder("test_efficientnet", weights="random")  # the default policy is auto
+    assert enc.input_policy == "native-grid" and enc.input_hw == (256, 256)
+    assert [lv.grid for lv in enc.levels][-1] == (8, 8) and enc.describe()["input_policy"] == "native-grid"
+    assert build_encoder("test_vit", weights="random").input_policy == "resize"
+
+
 @pytest.mark.parametrize("policy", ["resize", "native-grid"])
 def test_vit_prefix_and_grid_match_forward_features(policy):
     enc = build_encoder("test_vit_reg", blocks=[2, 5], weights="random", input_policy=policy, seed=4)

@@ -58,7 +58,12 @@ def test_fit_writes_a_complete_run(caches, tmp_path):
     record = json.loads((run / "config.json").read_text())
     assert record["cache_key"] == open_cache(caches["train"]).cache_key
     assert record["decoder"]["trainable_parameters"] == result.n_params > 0
-    assert record["postprocess"] == {"head": "cisca", "preset": "40x", "min_area": None}
+    # the minimum area is tuned on the validation cache after training (preset 80 px × 0, ¼, …, 2)
+    tuned = json.loads((run / "tune.json").read_text())
+    assert [r["min_area"] for r in tuned["table"]] == [0, 20, 40, 60, 80, 100, 120, 160]
+    assert record["postprocess"] == {"head": "cisca", "preset": "40x", "min_area": tuned["min_area"]}
+    assert tuned["value"] == max(r["pq"] for r in tuned["table"])
+    assert record["decoder"]["refine"] is True
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in lines] == [1, 2] == [m["epoch"] for m in result.history]
     for m in lines:  # validation: losses and the real post-processing's scores
@@ -173,6 +178,28 @@ def test_score_run_is_consistent_with_score_arrays(caches, tmp_path):
     assert len(list(out.glob("overlay_*.png"))) == 4
     with pytest.raises(CacheError, match="test cache.*encoder"):
         score_run(run, caches["other"], tmp_path / "bad")
+
+
+def test_no_tune_keeps_the_preset_and_early_stopping_stops_and_resumes_stopped(caches, tmp_path):
+    # lr ~0: validation PQ never improves on epoch 1, so patience 2 stops after epoch 3 of 8
+    cfg = _config(caches, tmp_path / "run", epochs=8, lr=1e-12, final_lr=1e-13, patience=2, tune=False)
+    result = fit_decoder(cfg)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.best["epoch"] == 1
+    record = json.loads((result.run_dir / "config.json").read_text())
+    assert record["postprocess"]["min_area"] is None and not (result.run_dir / "tune.json").exists()
+    again = fit_decoder(cfg)  # a rerun of a stopped run trains nothing more
+    assert again.epochs_run == 0 and len(again.history) == 3
+    with pytest.raises(ValueError, match="patience"):
+        fit_decoder(_config(caches, tmp_path / "bad", patience=0))
+
+
+def test_narrow_decoder_runs_still_load_and_score(caches, tmp_path):
+    run = fit_decoder(_config(caches, tmp_path / "run", epochs=1, refine=False, tune=False)).run_dir
+    record = json.loads((run / "config.json").read_text())
+    assert record["decoder"]["refine"] is False
+    del record["decoder"]["refine"]  # a run written before the option existed used the narrow design
+    (run / "config.json").write_text(json.dumps(record))
+    assert score_run(run, caches["val"], tmp_path / "s", num_workers=0).metrics["summary"]["pq"] is not None
 
 
 def test_tune_saves_min_area_used_by_score(caches, tmp_path):

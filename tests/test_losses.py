@@ -16,8 +16,10 @@ from cellembed.train.losses import (
     derivative_kernels,
     hovernet_loss,
     semantic_loss,
+    directional_gradient,
     tversky_loss,
     weighted_mae,
+    weighted_msge,
 )
 
 SIZE = 48
@@ -91,8 +93,29 @@ def test_untyped_cisca_drops_types(cisca_tg):
     assert float(loss.detach()) == pytest.approx(float(np.dot(w, parts)), rel=1e-5)
 
 
+def test_msge_mode_adds_the_weighted_gradient_error_of_all_four_maps(cisca_tg):
+    loss, terms = cisca_loss(perfect_cisca(cisca_tg), cisca_tg, mode="mindthegap-msge")
+    assert float(loss) < 1e-4 and "directions_msge" in terms
+    out = noisy(perfect_cisca(cisca_tg))
+    base, base_terms = cisca_loss(out, cisca_tg)
+    loss, terms = cisca_loss(out, cisca_tg, mode="mindthegap-msge")
+    # hand computation: (w · (∇ŷ − ∇y)²) averaged over pixels and the 4 maps, / mean(w)
+    d = out["directions"].detach()
+    diff = directional_gradient(d, (0, 1, 2, 3)) - directional_gradient(cisca_tg["directions"], (0, 1, 2, 3))
+    w = cisca_tg["weights"].unsqueeze(1)
+    expected = float((w * diff ** 2).mean() / w.mean())
+    assert terms["directions_msge"] == pytest.approx(expected, rel=1e-5)
+    assert float(loss.detach()) == pytest.approx(float(base.detach()) + expected, rel=1e-5)
+    assert {k: v for k, v in terms.items() if k != "directions_msge"} == pytest.approx(base_terms)
+    # a directional map shifted by one pixel keeps most of its MAE small but its gradients wrong
+    shifted = cisca_tg["directions"].roll(1, dims=-1)
+    assert float(weighted_msge(shifted, cisca_tg["directions"], cisca_tg["weights"])) > 0.01
+    loss.backward()
+    assert out["directions"].grad.abs().sum() > 0
+
+
 def test_unknown_mode_and_missing_keys(cisca_tg):
-    with pytest.raises(ValueError, match="mindthegap, cisca"):
+    with pytest.raises(ValueError, match="mindthegap, mindthegap-msge, cisca"):
         cisca_loss(perfect_cisca(cisca_tg), cisca_tg, mode="cellvit")
     with pytest.raises(KeyError, match="directions"):
         cisca_loss({"classes": logits_of(cisca_tg["classes"], 3)}, cisca_tg)

@@ -40,7 +40,7 @@ class ExtractConfig:
     scheme: str | None = None
     blocks: str = "default"
     weights: str = "hub"
-    input_policy: str = "resize"
+    input_policy: str = "auto"
     dtype: str = "fp16"
     batch_size: int = 32
     device: str = "auto"

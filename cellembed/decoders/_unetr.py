@@ -4,9 +4,22 @@ Four decoder levels with (32, 64, 128, 256) channels at reductions (2, 4, 8, 16)
 cached level is projected by a 1×1 conv block (conv, BatchNorm, ReLU) to its decoder level's width and
 bilinearly resized to that level's grid. From the deepest level up: ×2 upsample (2×2 transposed conv
 to the next width), concatenate the level's skip, 3×3 conv + ReLU. A last ×2 upsample reaches full
-resolution, where an optional image skip (3×3 conv + ReLU on the raw tile, as CellViT's decoder0) is
-concatenated, one 3×3 conv + ReLU at 16 channels runs, and the head's 1×1 convolutions predict the
-maps. Full-resolution work is kept to that single narrow conv (DESIGN.md §6 speed note).
+resolution, where the head's 1×1 convolutions predict the maps.
+
+Two full-resolution designs (``refine``):
+
+* ``refine=True`` (the default): every fuse conv is conv + BatchNorm + ReLU; with ``image_skip`` an image
+  branch (CellViT's decoder0, HoVer-Net-style high-resolution path) runs a 3×3 conv block on the raw tile at
+  full resolution and a stride-2 conv block from it at half resolution, the latter concatenated into the
+  reduction-2 fuse; at full resolution the upsampled decoder features (``full_channels`` wide) are
+  concatenated with the image features and refined by two 3×3 conv blocks before the heads. Nuclei are
+  10–20 px wide at 40x, so boundaries between touching nuclei, and the sharp +1 → −1 steps of the
+  directional maps that CISCA's post-processing cuts along, need this full-resolution information: on
+  CoNSeP it moves test PQ from 0.2 to above 0.5 (``benchmarks/results/accuracy_consep_cpu.md``).
+* ``refine=False``: Mind the Gap's narrow design, one 3×3 conv + ReLU at 16 channels at full resolution
+  (after an optional single 3×3 conv image skip), no BatchNorm in the fuse convs; kept for the ablation and
+  for reading older runs. Full-resolution work is the whole cost of a cached epoch (DESIGN.md §6 speed
+  note); ``benchmarks/cache_vs_live.py`` measures both.
 
 Mapping k cached levels onto the four decoder levels (``assign_slots``): cached levels are ranked from
 shallow to deep by (stride, block, position). With k <= 4 they fill the *deepest* k decoder levels in
@@ -30,6 +43,11 @@ from ._heads import OutputConvs
 CHANNELS = (32, 64, 128, 256)
 REDUCTIONS = (2, 4, 8, 16)
 FULL_CHANNELS = 16
+"""Width of the full-resolution conv of the narrow (``refine=False``) design."""
+REFINE_CHANNELS = 16
+"""Default width of the full-resolution refinement (``refine=True``)."""
+REFINE_DEPTH = 2
+"""3×3 conv blocks at full resolution in the refinement."""
 
 
 def _stride(level: dict, tile_size: int) -> float:
@@ -54,8 +72,11 @@ def assign_slots(levels: list[dict], tile_size: int) -> list[int]:
     return slots
 
 
-def _conv3x3_relu(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(inplace=True))
+def _conv3x3_relu(c_in: int, c_out: int, norm: bool = False, stride: int = 1) -> nn.Sequential:
+    if not norm:
+        return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.ReLU(inplace=True))
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                         nn.ReLU(inplace=True))
 
 
 def _project(c_in: int, c_out: int) -> nn.Sequential:
@@ -78,20 +99,38 @@ class UnetrDecoder(Decoder):
 
     name = "unetr"
 
-    def __init__(self, levels: list[dict], tile_size: int, head: str, num_classes: int, image_skip: bool = False):
+    def __init__(self, levels: list[dict], tile_size: int, head: str, num_classes: int, image_skip: bool = False,
+                 refine: bool = True, full_channels: int | None = None):
         super().__init__(levels, tile_size, head, num_classes, image_skip)
+        self.refine = bool(refine)
+        self.full_channels = int(full_channels or (REFINE_CHANNELS if self.refine else FULL_CHANNELS))
+        if self.full_channels < 1:
+            raise ValueError(f"full_channels must be >= 1, got {full_channels}")
         self.slots = assign_slots(self.levels, self.tile_size)
         base = math.ceil(self.tile_size / REDUCTIONS[-1])
         # Each level's grid doubles the one below it, so the transposed convs never need a resize.
         self.grids = [(base * 2 ** (3 - j),) * 2 for j in range(4)]
         self.proj = nn.ModuleList(_project(lv["channels"], CHANNELS[s]) for lv, s in zip(self.levels, self.slots))
         fed = set(self.slots)
+        norm, f = self.refine, self.full_channels
+        half_image = self.image_skip and self.refine
         self.up = nn.ModuleList(nn.ConvTranspose2d(CHANNELS[j + 1], CHANNELS[j], 2, stride=2) for j in range(3))
-        self.fuse = nn.ModuleList(_conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1), CHANNELS[j]) for j in range(3))
-        self.up_full = nn.ConvTranspose2d(CHANNELS[0], FULL_CHANNELS, 2, stride=2)
-        self.image_conv = _conv3x3_relu(3, FULL_CHANNELS) if self.image_skip else None
-        self.full = _conv3x3_relu(FULL_CHANNELS * (2 if self.image_skip else 1), FULL_CHANNELS)
-        self.out = OutputConvs(FULL_CHANNELS, self.maps)
+        self.fuse = nn.ModuleList(
+            _conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1) + (f if j == 0 and half_image else 0), CHANNELS[j],
+                          norm) for j in range(3))
+        self.up_full = nn.ConvTranspose2d(CHANNELS[0], f, 2, stride=2)
+        self.image_conv = _conv3x3_relu(3, f, norm) if self.image_skip else None
+        self.image_half = _conv3x3_relu(f, f, norm, stride=2) if half_image else None
+        full_in = f * (2 if self.image_skip else 1)
+        if self.refine:
+            self.full = nn.Sequential(*(_conv3x3_relu(full_in if i == 0 else f, f, True) for i in range(REFINE_DEPTH)))
+        else:
+            self.full = _conv3x3_relu(full_in, f)
+        self.out = OutputConvs(f, self.maps)
+
+    def config(self) -> dict:
+        """As ``Decoder.config``, plus ``refine`` and ``full_channels``."""
+        return {**super().config(), "refine": self.refine, "full_channels": self.full_channels}
 
     def _skips(self, feats: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Project and resize every cached level onto its decoder level; sum those sharing a level."""
@@ -103,6 +142,10 @@ class UnetrDecoder(Decoder):
 
     def _decode(self, feats: list[torch.Tensor], image: torch.Tensor | None) -> dict[str, torch.Tensor]:
         skips = self._skips(feats)
+        img = self.image_conv(image_to_float(image)) if self.image_conv is not None else None
+        if self.image_half is not None:
+            half = _fit(self.image_half(img), self.grids[0])
+            skips[0] = half if skips[0] is None else torch.cat([skips[0], half], dim=1)
         x = skips[-1]
         for j in (2, 1, 0):
             x = self.up[j](x)
@@ -110,6 +153,6 @@ class UnetrDecoder(Decoder):
                 x = torch.cat([x, skips[j]], dim=1)
             x = self.fuse[j](x)
         x = _fit(self.up_full(x), (self.tile_size, self.tile_size))
-        if self.image_conv is not None:
-            x = torch.cat([x, self.image_conv(image_to_float(image))], dim=1)
+        if img is not None:
+            x = torch.cat([x, img], dim=1)
         return self.out(self.full(x))

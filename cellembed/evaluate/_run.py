@@ -54,7 +54,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
     record = json.loads(config.read_text())
     dec = record["decoder"]
     model = build_decoder(dec["name"], record["levels"], record["tile_size"], dec["head"], dec["num_classes"],
-                          image_skip=dec["image_skip"])
+                          image_skip=dec["image_skip"], **decoder_options(dec))
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as err:  # noqa: BLE001 - safetensors raises several types on a damaged file
@@ -62,6 +62,12 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
                          "with the same arguments to rebuild it") from None
     model.to(device).eval()
     return Run(path, record, model, Postprocess(**record["postprocess"]))
+
+
+def decoder_options(dec: dict) -> dict:
+    """Build options recorded with a run's decoder; unetr runs from before ``refine`` existed used the narrow
+    design (``refine=False``)."""
+    return {"refine": bool(dec.get("refine", False))} if dec["name"] == "unetr" else {}
 
 
 def _device(name: str) -> torch.device:

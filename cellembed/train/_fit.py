@@ -41,10 +41,10 @@ from cellembed.evaluate._predict import (
 from cellembed.train._checkpoint import load_state, save_model, save_state
 
 SOURCES = ("cache", "live")
-LOSSES = ("mindthegap", "cisca")
+LOSSES = ("mindthegap", "mindthegap-msge", "cisca")
 RUN_FILES = ("last.json", "metrics.jsonl", "model.safetensors", "curves.png")
 # the config fields that may change when an interrupted run is resumed
-RESUME_FREE = ("overwrite", "num_workers", "device", "memory", "val_cache")
+RESUME_FREE = ("overwrite", "num_workers", "device", "memory", "val_cache", "tune")
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,10 @@ class FitConfig:
     oversample: str = "none"
     magnification: str = "40x"
     postprocess: str | None = None
-    image_skip: bool = False
+    image_skip: bool | None = None
+    refine: bool = True
+    tune: bool = True
+    patience: int | None = None
     levels: str | None = None
     best_metric: str = "pq"
     seed: int = 0
@@ -90,7 +93,7 @@ class FitConfig:
     encoder: str | None = None
     blocks: str = "default"
     weights: str = "hub"
-    input_policy: str = "resize"
+    input_policy: str = "auto"
     dtype: str = "fp16"
     dataset_options: dict = field(default_factory=dict)
 
@@ -133,7 +136,7 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
     num_classes = len(source["class_names"]) - (0 if config.head == "semantic" else 1)
     torch.manual_seed(config.seed)
     model = build_decoder(config.decoder, source["levels"], source["tile_size"], config.head, num_classes,
-                          image_skip=config.image_skip).to(device)
+                          image_skip=_image_skip(config), **_decoder_options(config)).to(device)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     post = (Postprocess(config.head, config.postprocess) if config.postprocess
             else default_postprocess(config.head, {"identity": source["identity"]}, config.magnification))
@@ -146,6 +149,8 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
         start, history, best = load_state(run_dir, model, optimizer, scheduler)
     loss_fn = make_loss(config.head, config.loss)
     for epoch in range(start, config.epochs):
+        if _stop_early(config, history, best):
+            break
         train.set_epoch(epoch)
         t_epoch = time.perf_counter()
         metrics = {"epoch": epoch + 1, **_train_epoch(model, train, optimizer, scheduler, loss_fn, device, on_step)}
@@ -160,13 +165,47 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
             on_epoch(epoch + 1, config.epochs, metrics)
     if history:
         _plot_curves(run_dir, history)
-    return FitResult(run_dir, config.epochs - start, best, history, n_params, time.perf_counter() - t0)
+    if config.tune and config.val_cache and best is not None and config.head in INSTANCE_HEADS:
+        _tune_min_area(config, run_dir, post)
+    return FitResult(run_dir, len(history) - start, best, history, n_params, time.perf_counter() - t0)
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _stop_early(config: FitConfig, history: list[dict], best: dict | None) -> bool:
+    """Early stopping: ``patience`` finished epochs without a better ``best_metric`` (checked before every epoch,
+    so a resumed run stops where the uninterrupted one did)."""
+    return bool(config.patience and history and best and history[-1]["epoch"] - best["epoch"] >= config.patience)
+
+
+def _tune_min_area(config: FitConfig, run_dir: Path, post: Postprocess) -> None:
+    """``cellembed tune`` on the validation cache with the best checkpoint: the minimum instance area that
+    maximises ``best_metric`` (PQ when that is a loss) among the preset's area × 0, ¼, …, 2, saved with the run.
+
+    The candidates come from the run's preset, not from an earlier tuning, so a rerun tunes the same way.
+    """
+    from cellembed.evaluate._run import tune_run
+
+    base = post.effective_min_area or (10 if post.head == "hovernet" else 1)
+    areas = sorted({int(round(base * f)) for f in (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)})
+    metric = "pq" if "loss" in config.best_metric else config.best_metric
+    tune_run(run_dir, config.val_cache, metric=metric, areas=areas, device=config.device,
+             num_workers=config.num_workers)
+
+
+def _image_skip(config: FitConfig) -> bool:
+    """``image_skip=None`` is the decoder's default: on for unetr (its full-resolution image branch), off for
+    light (the FM benchmark's decoder has none)."""
+    return config.decoder == "unetr" if config.image_skip is None else bool(config.image_skip)
+
+
+def _decoder_options(config: FitConfig) -> dict:
+    """Decoder-specific build options of the config (unetr: ``refine``)."""
+    return {"refine": config.refine} if config.decoder == "unetr" else {}
 
 
 def _check_config(c: FitConfig) -> None:
@@ -179,6 +218,8 @@ def _check_config(c: FitConfig) -> None:
             raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
     if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0 or not 0 < c.warmup < 1:
         raise ValueError("epochs and batch size must be >= 1, lr > 0 and warmup in (0, 1)")
+    if c.patience is not None and c.patience < 1:
+        raise ValueError(f"patience must be >= 1 epochs (or unset), got {c.patience}")
     if c.source == "cache" and not c.cache:
         raise ValueError("a training cache is needed (`cellembed fit-decoder CACHE ...`), or use --source live")
     if c.source == "live" and not (c.dataset and c.encoder):
@@ -299,7 +340,8 @@ def _record(config: FitConfig, source: dict, n_params: int, post: Postprocess, n
             "source": source["kind"], "cache_key": source["cache_key"], "identity": source["identity"],
             "levels": source["levels"], "class_names": source["class_names"], "tile_size": source["tile_size"],
             "decoder": {"name": config.decoder, "head": config.head, "num_classes": num_classes,
-                        "image_skip": config.image_skip, "trainable_parameters": n_params},
+                        "image_skip": _image_skip(config), **_decoder_options(config),
+                        "trainable_parameters": n_params},
             "postprocess": post.to_dict()}
 
 

@@ -27,7 +27,7 @@ from cellembed.data._augment import AUGMENTS, AugmentConfig, augment_tile, dihed
 
 def make_live_loader(dataset: str, root: str | Path | None, encoder, *, split: str = "train",
                      folds: str | Path | None = None, scheme: str | None = None, blocks: str = "default",
-                     weights: str = "hub", input_policy: str = "resize", dtype: str = "fp16",
+                     weights: str = "hub", input_policy: str = "auto", dtype: str = "fp16",
                      dataset_options: dict | None = None, batch_size: int, augment: str | AugmentConfig = "full",
                      head: str = "cisca", magnification: str = "40x", shuffle: bool = True, seed: int = 0,
                      num_workers: int = 2, device: str | torch.device = "auto", levels: list[str] | None = None,

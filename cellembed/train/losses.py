@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CISCA_MODES = ("mindthegap", "cisca")
+CISCA_MODES = ("mindthegap", "mindthegap-msge", "cisca")
 TVERSKY_ALPHA = 0.7
 """Weight on false negatives in the Tversky losses (false positives get 1 - alpha)."""
 CISCA_WEIGHTS_TYPED = (2.0, 1.0, 2.0, 5.0, 2.0, 2.0)
@@ -124,6 +124,10 @@ def cisca_loss(outputs: dict, targets: dict, mode: str = "mindthegap",
     ``mindthegap`` (default, DESIGN.md §6): CE + mean-class Dice (+1 smoothing) on the 3-class map,
     MAE weighted by the CISCA weight map on the 4 directional maps, CE + Tversky (alpha 0.7 on false
     negatives, mean over the C + 1 channels) on types; all terms summed with weight 1.
+    ``mindthegap-msge``: the same plus the MSGE of all four directional maps (the squared difference of their
+    5×5 directional derivatives, weighted by the CISCA weight map as in CISCA.md §2.2), with weight 1. CISCA's
+    post-processing cuts nuclei apart where these derivatives are steep, so this term trains exactly what
+    it reads.
     ``cisca``: CISCA's exact weighting (CISCA.md §2.2, see ``_cisca_exact``).
     Without a "types" output (one-class data) the type terms are left out.
 
@@ -131,7 +135,7 @@ def cisca_loss(outputs: dict, targets: dict, mode: str = "mindthegap",
         outputs: "classes" (N, 3, T, T) logits, "directions" (N, 4, T, T), optional "types"
             (N, C+1, T, T) logits.
         targets: see the module docstring.
-        mode: "mindthegap" or "cisca".
+        mode: "mindthegap", "mindthegap-msge" or "cisca".
         msge_all: cisca mode only: MSGE on all four maps instead of CISCA's two diagonals (§7 item 2).
 
     Returns:
@@ -148,17 +152,32 @@ def cisca_loss(outputs: dict, targets: dict, mode: str = "mindthegap",
                 ["directions_mae", "directions_msge"]
         total = sum(wi * terms[name] for wi, name in zip(w, order))
     else:
-        terms = _mindthegap(outputs, targets)
+        terms = _mindthegap(outputs, targets, msge=mode == "mindthegap-msge")
         total = sum(terms.values())
     return total, {k: float(v.detach()) for k, v in terms.items() if k != "types"}
 
 
-def _mindthegap(outputs: dict, targets: dict) -> dict[str, torch.Tensor]:
+def weighted_msge(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor,
+                  channels: tuple[int, ...] = (0, 1, 2, 3)) -> torch.Tensor:
+    """mean(w (∇ŷ − ∇y)²) / (mean(w) + 1e-8): CISCA's MSGE_w (CISCA.md §2.2) on the chosen directional maps.
+
+    Args:
+        pred, target: (N, 4, H, W) directional maps (h, v, tl, bl); weights: (N, H, W).
+        channels: which maps to differentiate, each along its own direction.
+    """
+    w = weights.float().unsqueeze(1)
+    diff = directional_gradient(pred, channels) - directional_gradient(target, channels)
+    return (w * diff * diff).mean() / (w.mean() + EPS)
+
+
+def _mindthegap(outputs: dict, targets: dict, msge: bool = False) -> dict[str, torch.Tensor]:
     logits, classes = _check(outputs, targets, "classes")
     terms = {"classes_ce": F.cross_entropy(logits, classes.long()),
              "classes_dice": dice_loss(logits.softmax(1), _one_hot(classes, logits.shape[1])).mean()}
     pred, target = _check(outputs, targets, "directions")
     terms["directions_mae"] = weighted_mae(pred, target.float(), targets["weights"].to(pred.device))
+    if msge:
+        terms["directions_msge"] = weighted_msge(pred, target.float(), targets["weights"].to(pred.device))
     if "types" in outputs:
         logits, types = _check(outputs, targets, "types")
         terms["types_ce"] = F.cross_entropy(logits, types.long())
@@ -196,8 +215,7 @@ def _cisca_exact(outputs: dict, targets: dict, msge_all: bool) -> dict[str, torc
     terms["directions_mae"] = (w * (target - pred).abs()).mean() / (w.mean() + EPS) + \
         0.01 * ((1.0 - w) * pred.abs()).mean()
     channels = (0, 1, 2, 3) if msge_all else (2, 3)
-    diff = directional_gradient(pred, channels) - directional_gradient(target, channels)
-    terms["directions_msge"] = (w * diff * diff).mean() / (w.mean() + EPS)
+    terms["directions_msge"] = weighted_msge(pred, target, targets["weights"].to(pred.device), channels)
     return terms
 
 

@@ -1,0 +1,123 @@
+"""Where a trained run loses PQ: oracle swaps of its heads' maps, over- / under-segmentation, overlay grids.
+
+``oracle_swaps`` predicts a cache with a run's best decoder and post-processes four versions of the maps:
+the decoder's own, the decoder's with the ground-truth 3-class map swapped in, with the ground-truth
+directional maps swapped in, and both ground-truth maps (the oracle: the ceiling of the post-processing on
+these tiles). The gap each swap closes says which head is learned badly. ``segmentation_errors`` counts
+splits (a true nucleus covered ≥ 20 % each by two or more predictions) and merges (a prediction covering
+≥ 20 % each of two or more true nuclei). ``overlay_grid`` draws a few tiles: contours of truth and
+prediction over the image, and the body probability and horizontal directional map, predicted vs target.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SWAPS = ("decoder maps", "GT 3-class map", "GT directional maps", "GT both (oracle)")
+
+
+def _predict(run_dir, cache_dir):
+    """(activated maps per batch, GT target maps per batch, true (N, T, T, 2), images) of a whole cache."""
+    from cellembed.cache import open_cache
+    from cellembed.evaluate._predict import decoder_maps, true_maps
+    from cellembed.evaluate._run import _loader, load_run
+
+    run = load_run(run_dir)
+    loader = _loader(run, open_cache(cache_dir), torch.device("cpu"), 16, 0, "test")
+    out = []
+    for batch in loader:
+        _, maps = decoder_maps(run.model, batch, torch.device("cpu"))
+        t = batch.targets
+        gt = {"classes": torch.nn.functional.one_hot(t["classes"].long(), 3).permute(0, 3, 1, 2).float().numpy(),
+              "directions": t["directions"].numpy()}
+        out.append((maps, gt, true_maps(batch), batch.image.permute(0, 2, 3, 1).numpy()))
+    return run, out
+
+
+def segmentation_errors(pred: np.ndarray, true: np.ndarray, frac: float = 0.2) -> dict:
+    """Splits and merges over (N, T, T) instance maps (see the module docstring)."""
+    splits = merges = n_true = n_pred = 0
+    for p, t in zip(pred, true):
+        pairs = np.stack([t.ravel(), p.ravel()], 1)
+        pairs = pairs[(pairs[:, 0] > 0) & (pairs[:, 1] > 0)]
+        uniq, counts = np.unique(pairs, axis=0, return_counts=True)
+        t_area = np.bincount(t.ravel())
+        p_area = np.bincount(p.ravel())
+        big_t = counts >= frac * t_area[uniq[:, 0]] if len(uniq) else np.zeros(0, bool)
+        big_p = counts >= frac * p_area[uniq[:, 1]] if len(uniq) else np.zeros(0, bool)
+        splits += int((np.bincount(uniq[big_t, 0]) >= 2).sum()) if big_t.any() else 0
+        merges += int((np.bincount(uniq[big_p, 1]) >= 2).sum()) if big_p.any() else 0
+        n_true += len(np.unique(t)) - 1
+        n_pred += len(np.unique(p)) - 1
+    return {"true_instances": n_true, "pred_instances": n_pred, "split_true": splits, "merged_pred": merges}
+
+
+def oracle_swaps(run_dir, cache_dir, preset: str | None = None) -> list[dict]:
+    """One row per map swap: P, R, DQ, SQ, PQ, mPQ+, AJI, instance counts, splits, merges."""
+    from cellembed.evaluate._predict import Postprocess, batch_instances
+    from cellembed.metrics import score_arrays
+
+    run, batches = _predict(run_dir, cache_dir)
+    post = run.post if preset is None else Postprocess("cisca", preset)
+    true = np.concatenate([b[2] for b in batches])
+    rows = []
+    for name in SWAPS:
+        preds = []
+        for maps, gt, _, _ in batches:
+            m = dict(maps)
+            if name in ("GT 3-class map", "GT both (oracle)"):
+                m["classes"] = gt["classes"]
+            if name in ("GT directional maps", "GT both (oracle)"):
+                m["directions"] = gt["directions"]
+            preds.append(batch_instances(m, post))
+        pred = np.concatenate(preds)
+        s = score_arrays(pred, true, num_classes=run.num_classes)["summary"]
+        rows.append({"maps": name, **{k: s[k] for k in ("precision", "recall", "dq", "sq", "pq", "mpq_plus", "aji")},
+                     **segmentation_errors(pred[..., 0], true[..., 0])})
+    return rows
+
+
+def overlay_grid(run_dir, cache_dir, path: Path, n: int = 4) -> Path:
+    """PNG of ``n`` test tiles: truth / prediction contours, body probability and h map (pred vs target)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from skimage.segmentation import find_boundaries
+
+    from cellembed.evaluate._predict import batch_instances
+
+    run, batches = _predict(run_dir, cache_dir)
+    maps = {k: np.concatenate([b[0][k] for b in batches]) for k in batches[0][0]}
+    gt = {k: np.concatenate([b[1][k] for b in batches]) for k in batches[0][1]}
+    true = np.concatenate([b[2] for b in batches])
+    images = np.concatenate([b[3] for b in batches])
+    # the tiles with the most nuclei show touching cells best
+    order = np.argsort([-len(np.unique(t[..., 0])) for t in true])[:n]
+    cols = ("truth", "prediction", "P(body) predicted", "3-class target", "h map predicted", "h map target")
+    fig, axes = plt.subplots(len(order), len(cols), figsize=(2.2 * len(cols), 2.2 * len(order)), squeeze=False)
+    for r, i in enumerate(order):
+        pred = batch_instances({k: v[i:i + 1] for k, v in maps.items()}, run.post)[0, ..., 0]
+        panels = []
+        for inst in (true[i, ..., 0], pred):
+            img = images[i].copy()
+            img[find_boundaries(inst, mode="inner")] = (0, 255, 0)
+            panels.append(img)
+        panels += [maps["classes"][i, 1], gt["classes"][i].argmax(0), maps["directions"][i, 0], gt["directions"][i, 0]]
+        for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+            kw = {"vmin": -1, "vmax": 1, "cmap": "coolwarm"} if c >= 4 else ({"cmap": "viridis"} if c >= 2 else {})
+            ax.imshow(panel, interpolation="nearest", **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=8)
+        axes[r, 1].set_xlabel(f"{len(np.unique(pred)) - 1} predicted / {len(np.unique(true[i, ..., 0])) - 1} true",
+                              fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
