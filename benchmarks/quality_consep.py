@@ -27,6 +27,7 @@ the train and validation caches (shared by the two pretrained cache variants, co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import statistics
@@ -38,11 +39,15 @@ from pathlib import Path
 import torch
 
 try:
-    from benchmarks._common import REALDATA, machine, write_results
+    from benchmarks._common import REALDATA, RESULTS, machine, write_results
+    from benchmarks._diagnose import oracle_swaps, overlay_grid
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import REALDATA, machine, write_results
+    from _common import REALDATA, RESULTS, machine, write_results
+    from _diagnose import oracle_swaps, overlay_grid
 
 ENCODER = "efficientnet_lite0_in1k"
+ABLATED = "pretrained, cache, dihedral"
+"""Its first seed's run adds steps 5 and 6 to ``ablation_consep.py``'s table (untuned, then tuned)."""
 GROUPS = r"(.+)_\d+$"
 VARIANTS = {  # name: (weights, source, augment)
     "pretrained, cache, dihedral": ("packaged", "cache", "dihedral"),
@@ -70,7 +75,9 @@ def extract_splits(root: Path, weights: str, tmp: Path, workers: int) -> tuple[d
 
 def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int) -> dict:
     from cellembed.evaluate import score_run
+    from cellembed.evaluate._run import load_run
     from cellembed.train import FitConfig, fit_decoder
+    from cellembed.train._fit import _tune_min_area
 
     weights, source, augment = VARIANTS[name]
     c = caches[weights]
@@ -79,6 +86,8 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int)
               "seed": seed, "device": "cpu", "num_workers": args.workers, "overwrite": True,
               **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
                  if v is not None}}
+    # tune=False here and the same tuning as fit-decoder's default right after, so the table can show both
+    common["tune"] = False
     if source == "cache":
         cfg = FitConfig(cache=c["train"], source="cache", memory="ram", **common)
     else:
@@ -94,17 +103,41 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int)
     fit = fit_decoder(cfg, on_epoch=on_epoch)
     # an epoch's wall time minus its training part: validation, checkpoints, metrics line
     val_seconds = [b - a - h["train_seconds"] for a, b, h in zip(stamps, stamps[1:], fit.history)]
+    untuned = score_run(fit.run_dir, c["test"], device="cpu", num_workers=args.workers, n_overlays=0, overwrite=True)
+    ablation = []
+    if name == ABLATED and seed == args.seeds[0]:
+        ablation.append(_ablation_row("5 dihedral augmentation of the cache", cfg, fit, untuned, c["test"]))
+    _tune_min_area(dataclasses.replace(cfg, tune=True), fit.run_dir, load_run(fit.run_dir).post)  # fit's default
     score = score_run(fit.run_dir, c["test"], device="cpu", num_workers=args.workers, n_overlays=0, overwrite=True)
+    if ablation:
+        ablation.append(_ablation_row("6 minimum area tuned on validation", cfg, fit, score, c["test"]))
+        overlay_grid(fit.run_dir, c["test"], RESULTS / "overlays_consep_cpu.png")
+        with (RESULTS / "ablation_consep_cpu.jsonl").open("a") as f:
+            f.writelines(json.dumps(r) + "\n" for r in ablation)
     s = score.metrics["summary"]
     extract_s = c["seconds"] if source == "cache" else 0.0
     tuned = json.loads((fit.run_dir / "config.json").read_text())["postprocess"]["min_area"]
     return {"variant": name, "seed": seed, "weights": weights, "source": source, "augment": augment,
             "config": {k: getattr(cfg, k) for k in ("epochs", "lr", "batch_size", "loss", "refine", "image_skip")},
             "pq": s["pq"], "mpq_plus": s["mpq_plus"], "aji": s["aji"], "dq": s["dq"], "sq": s["sq"],
+            "pq_untuned": untuned.metrics["summary"]["pq"], "mpq_plus_untuned": untuned.metrics["summary"]["mpq_plus"],
             "best_epoch": fit.best["epoch"], "best_val_pq": fit.best["value"], "min_area": tuned,
             "fit_seconds": fit.seconds, "extract_seconds": extract_s,
             "score_seconds": score.seconds, "epoch_seconds": [h["train_seconds"] for h in fit.history],
             "val_seconds": val_seconds, "history": fit.history}
+
+
+def _ablation_row(step: str, cfg, fit, score, test: str) -> dict:
+    """A row of ``ablation_consep.py``'s table for this run (same data, split and settings as its steps)."""
+    m = score.metrics["summary"]
+    settings = {"input_policy": "native-grid", "refine": cfg.refine, "image_skip": cfg.image_skip, "loss": cfg.loss,
+                "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "magnification": cfg.magnification,
+                "postprocess": None, "augment": cfg.augment, "tune": step.startswith("6")}
+    return {"step": step, "seed": cfg.seed, "settings": settings, "pq": m["pq"], "dq": m["dq"], "sq": m["sq"],
+            "mpq_plus": m["mpq_plus"], "aji": m["aji"], "best_epoch": fit.best["epoch"], "fit_seconds": fit.seconds,
+            "epoch_seconds": sorted(h["train_seconds"] for h in fit.history)[len(fit.history) // 2],
+            "parameters": fit.n_params, "swaps": oracle_swaps(fit.run_dir, test), "history": fit.history,
+            "source": "benchmarks/quality_consep.py, pretrained, cache, dihedral, first seed"}
 
 
 def _mean_sd(values: list[float]) -> str:
@@ -145,6 +178,7 @@ def main() -> None:
         rs = [r for r in rows if r["variant"] == name]
         fit_s = [r["fit_seconds"] for r in rs]
         table.append({"variant": name, "seeds": len(rs), "PQ": _mean_sd([r["pq"] for r in rs]),
+                      "PQ, preset min area": _mean_sd([r["pq_untuned"] for r in rs]),
                       "mPQ+": _mean_sd([r["mpq_plus"] for r in rs]), "AJI": _mean_sd([r["aji"] for r in rs]),
                       "DQ": _mean_sd([r["dq"] for r in rs]), "SQ": _mean_sd([r["sq"] for r in rs]),
                       "best epochs": ", ".join(str(r["best_epoch"]) for r in rs),

@@ -153,7 +153,9 @@ def test_overfits_one_synthetic_tile(skip):
     torch.manual_seed(0)
     batch = cisca_batch()
     levels = vit_levels(4, channels=32)
-    dec = build_decoder("unetr", levels, T, "cisca", num_classes=3, image_skip=skip)
+    # the narrow design: one tile is a batch of one, where BatchNorm (refine=True) has no batch statistics to
+    # speak of; the refined design's overfit test below uses four tiles and scores PQ
+    dec = build_decoder("unetr", levels, T, "cisca", num_classes=3, image_skip=skip, refine=False)
     feats = feats_for(levels, n=1)
     opt = torch.optim.Adam(dec.parameters(), lr=3e-3)
     losses = []
@@ -185,13 +187,27 @@ def test_refine_design_and_narrow_design(skip):
         assert again.refine == dec.refine and again.load_state_dict(dec.state_dict())
     with pytest.raises(ValueError, match="full_channels"):
         build_decoder("unetr", levels, T, "cisca", 5, full_channels=-1)
+    with pytest.raises(ValueError, match="image_levels"):
+        build_decoder("unetr", levels, T, "cisca", 5, image_levels=4)
+
+
+def test_image_branch_at_quarter_resolution():
+    levels = hier_levels(3)
+    dec = build_decoder("unetr", levels, T, "cisca", 5, image_skip=True, image_levels=3)
+    assert dec.image_quarter is not None and dec.config()["image_levels"] == 3
+    assert dec.fuse[1][0].in_channels == 64 * 2 + 32  # upsampled + cached level + image features at 1/4
+    out = dec(feats_for(levels), image_for())
+    assert tuple(out["classes"].shape) == (2, 3, T, T)
+    sum(v.square().mean() for v in out.values()).backward()
+    assert all(p.grad is not None for p in dec.image_quarter.parameters())
+    again = build_decoder(**dec.config())
+    assert again.load_state_dict(dec.state_dict()) and again.image_levels == 3
 
 
 def test_overfits_a_few_synthetic_tiles_to_high_pq():
     """The decoder path that CoNSeP needs, end to end through CISCA post-processing and PQ: four synthetic
     tiles with touching nuclei, fixed random 'encoder features' (so all spatial detail must come through the
-    image branch), refine + image skip, 300 Adam steps. The narrow design (refine=False) stays far lower on
-    the same budget; that gap is the fragmentation the demo showed."""
+    image branch), refine + image skip, 150 Adam steps, the default loss (PQ 0.93 after 100 steps, 0.98 after 150)."""
     from cellembed.metrics import score_arrays
     from cellembed.postprocess import CISCA_PRESETS, cisca_instances
     from cellembed.train.losses import cisca_loss as loss_fn
@@ -207,7 +223,7 @@ def test_overfits_a_few_synthetic_tiles_to_high_pq():
     true = np.stack([np.stack([t.inst_map, t.type_map], -1) for t in tiles]).astype(np.int32)
     levels = hier_levels(4, tile=size)
 
-    def pq_after(refine: bool, steps: int = 300) -> float:
+    def pq_after(refine: bool, steps: int = 150) -> float:
         torch.manual_seed(0)
         dec = build_decoder("unetr", levels, size, "cisca", 3, image_skip=True, refine=refine)
         feats = feats_for(levels, n=n)
@@ -225,5 +241,5 @@ def test_overfits_a_few_synthetic_tiles_to_high_pq():
                          for i in range(n)]).astype(np.int32)
         return score_arrays(pred, true, num_classes=3)["summary"]["pq"]
 
-    wide = pq_after(True)
-    assert wide >= 0.8, wide
+    pq = pq_after(True)
+    assert pq >= 0.9, pq

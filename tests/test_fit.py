@@ -245,7 +245,11 @@ def test_cli_fit_score_tune_and_config(caches, tmp_path):
 
 def test_decoder_learns_from_the_cache(caches, tmp_path):
     """Not a smoke test: the losses on training and held-out tiles fall well below their start."""
-    result = fit_decoder(_config(caches, tmp_path / "learn", epochs=8, lr=3e-3, image_skip=True))
+    # the narrow decoder and MAE-only loss: on 8 tiles of random test-ViT features, 16 steps leave the refined
+    # decoder's BatchNorm statistics and the held-out MSGE too noisy for a 15 % test (that decoder's learning on
+    # real tiles is benchmarks/ablation_consep.py; test_decoders checks it reaches high PQ on synthetic tiles)
+    result = fit_decoder(_config(caches, tmp_path / "learn", epochs=8, lr=3e-3, image_skip=True, refine=False,
+                                 loss="mindthegap"))
     first, last = result.history[0], result.history[-1]
     assert last["train_loss"] < 0.8 * first["train_loss"]
     assert last["val_loss"] < 0.85 * first["val_loss"]

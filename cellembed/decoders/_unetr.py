@@ -48,6 +48,8 @@ REFINE_CHANNELS = 16
 """Default width of the full-resolution refinement (``refine=True``)."""
 REFINE_DEPTH = 2
 """3×3 conv blocks at full resolution in the refinement."""
+QUARTER_CHANNELS = 32
+"""Width of the image branch's 1/4-resolution block (``image_levels=3``)."""
 
 
 def _stride(level: dict, tile_size: int) -> float:
@@ -100,12 +102,15 @@ class UnetrDecoder(Decoder):
     name = "unetr"
 
     def __init__(self, levels: list[dict], tile_size: int, head: str, num_classes: int, image_skip: bool = False,
-                 refine: bool = True, full_channels: int | None = None):
+                 refine: bool = True, full_channels: int | None = None, image_levels: int = 2):
         super().__init__(levels, tile_size, head, num_classes, image_skip)
         self.refine = bool(refine)
         self.full_channels = int(full_channels or (REFINE_CHANNELS if self.refine else FULL_CHANNELS))
         if self.full_channels < 1:
             raise ValueError(f"full_channels must be >= 1, got {full_channels}")
+        if int(image_levels) not in (2, 3):
+            raise ValueError(f"image_levels must be 2 (full and 1/2 resolution) or 3 (also 1/4), got {image_levels}")
+        self.image_levels = int(image_levels)
         self.slots = assign_slots(self.levels, self.tile_size)
         base = math.ceil(self.tile_size / REDUCTIONS[-1])
         # Each level's grid doubles the one below it, so the transposed convs never need a resize.
@@ -115,12 +120,15 @@ class UnetrDecoder(Decoder):
         norm, f = self.refine, self.full_channels
         half_image = self.image_skip and self.refine
         self.up = nn.ModuleList(nn.ConvTranspose2d(CHANNELS[j + 1], CHANNELS[j], 2, stride=2) for j in range(3))
+        quarter = QUARTER_CHANNELS if half_image and self.image_levels == 3 else 0
+        extra = (f if half_image else 0, quarter, 0)
         self.fuse = nn.ModuleList(
-            _conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1) + (f if j == 0 and half_image else 0), CHANNELS[j],
-                          norm) for j in range(3))
+            _conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1) + extra[j], CHANNELS[j], norm) for j in range(3))
         self.up_full = nn.ConvTranspose2d(CHANNELS[0], f, 2, stride=2)
         self.image_conv = _conv3x3_relu(3, f, norm) if self.image_skip else None
         self.image_half = _conv3x3_relu(f, f, norm, stride=2) if half_image else None
+        self.image_quarter = (nn.Sequential(_conv3x3_relu(f, quarter, True, stride=2),
+                                            _conv3x3_relu(quarter, quarter, True)) if quarter else None)
         full_in = f * (2 if self.image_skip else 1)
         if self.refine:
             self.full = nn.Sequential(*(_conv3x3_relu(full_in if i == 0 else f, f, True) for i in range(REFINE_DEPTH)))
@@ -129,8 +137,9 @@ class UnetrDecoder(Decoder):
         self.out = OutputConvs(f, self.maps)
 
     def config(self) -> dict:
-        """As ``Decoder.config``, plus ``refine`` and ``full_channels``."""
-        return {**super().config(), "refine": self.refine, "full_channels": self.full_channels}
+        """As ``Decoder.config``, plus ``refine``, ``full_channels`` and ``image_levels``."""
+        return {**super().config(), "refine": self.refine, "full_channels": self.full_channels,
+                "image_levels": self.image_levels}
 
     def _skips(self, feats: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Project and resize every cached level onto its decoder level; sum those sharing a level."""
@@ -144,7 +153,11 @@ class UnetrDecoder(Decoder):
         skips = self._skips(feats)
         img = self.image_conv(image_to_float(image)) if self.image_conv is not None else None
         if self.image_half is not None:
-            half = _fit(self.image_half(img), self.grids[0])
+            half = self.image_half(img)
+            if self.image_quarter is not None:
+                q = _fit(self.image_quarter(half), self.grids[1])
+                skips[1] = q if skips[1] is None else torch.cat([skips[1], q], dim=1)
+            half = _fit(half, self.grids[0])
             skips[0] = half if skips[0] is None else torch.cat([skips[0], half], dim=1)
         x = skips[-1]
         for j in (2, 1, 0):

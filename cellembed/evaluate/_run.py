@@ -67,7 +67,9 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
 def decoder_options(dec: dict) -> dict:
     """Build options recorded with a run's decoder; unetr runs from before ``refine`` existed used the narrow
     design (``refine=False``)."""
-    return {"refine": bool(dec.get("refine", False))} if dec["name"] == "unetr" else {}
+    if dec["name"] != "unetr":
+        return {}
+    return {"refine": bool(dec.get("refine", False)), "image_levels": int(dec.get("image_levels", 2))}
 
 
 def _device(name: str) -> torch.device:

@@ -62,10 +62,10 @@ class FitConfig:
     source: str = "cache"
     decoder: str = "unetr"
     head: str = "cisca"
-    loss: str = "mindthegap"
-    epochs: int = 100
-    batch_size: int = 16
-    lr: float = 1e-4
+    loss: str = "mindthegap-msge"
+    epochs: int = 20
+    batch_size: int = 4
+    lr: float = 3e-3
     final_lr: float = 1e-6
     warmup: float = 0.3
     weight_decay: float = 0.01
@@ -76,6 +76,7 @@ class FitConfig:
     postprocess: str | None = None
     image_skip: bool | None = None
     refine: bool = True
+    image_levels: int = 2
     tune: bool = True
     patience: int | None = None
     levels: str | None = None
@@ -204,8 +205,8 @@ def _image_skip(config: FitConfig) -> bool:
 
 
 def _decoder_options(config: FitConfig) -> dict:
-    """Decoder-specific build options of the config (unetr: ``refine``)."""
-    return {"refine": config.refine} if config.decoder == "unetr" else {}
+    """Decoder-specific build options of the config (unetr: ``refine``, ``image_levels``)."""
+    return {"refine": config.refine, "image_levels": config.image_levels} if config.decoder == "unetr" else {}
 
 
 def _check_config(c: FitConfig) -> None:
