@@ -195,7 +195,7 @@ def fit_decoder(
     lr: float = typer.Option(3e-3, help="OneCycle peak learning rate (30% warm-up, down to 1e-6)."),
     memory: str = typer.Option("auto", help="stream | ram | gpu | auto (gpu if it fits, else ram, else stream)"),
     augment: str = typer.Option("auto", help="auto | none | dihedral (flip/rot90 of every level and the GT) | "
-                                "full (live only: flips, rot90, colour, elastic); auto = none from a cache, full live"),
+                                "full (live only: flips, rot90, colour, elastic); auto = dihedral from a cache, full live"),
     oversample: str = typer.Option("none", help="none | cisca-pannuke | cisca-conic (CISCA's rare-class "
                                    "oversampling of the training list)"),
     magnification: str = typer.Option("40x", help="20x | 40x: CISCA target footprints and post-processing"),

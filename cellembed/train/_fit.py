@@ -268,10 +268,12 @@ def _train_source(c: FitConfig, device: torch.device):
 
 
 def _augment(c: FitConfig) -> str:
-    """"auto": none from a cache (the paper's protocol), full image-space augmentation live."""
+    """"auto": dihedral from a cache (flips and quarter turns of the cached levels, image and GT together: free
+    and exact for nuclei, which have no orientation; the paper's cache protocol is ``none``), full image-space
+    augmentation live."""
     if c.augment != "auto":
         return c.augment
-    return "full" if c.source == "live" else "none"
+    return "full" if c.source == "live" else "dihedral"
 
 
 def _oversample(c: FitConfig) -> dict:
