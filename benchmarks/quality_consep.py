@@ -141,6 +141,8 @@ def _ablation_row(step: str, cfg, fit, score, test: str) -> dict:
 
 
 def _mean_sd(values: list[float]) -> str:
+    if not values:
+        return "n/a"
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
@@ -157,13 +159,21 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--name", default="quality_consep_cpu")
+    parser.add_argument("--keep", default=None, help="work folder to keep (caches, runs) instead of a temporary one")
+    parser.add_argument("--collect", default=None, help="report the finished runs of an interrupted invocation's "
+                                                        "--keep folder (or the cellembed-consep-* temporary folder "
+                                                        "of a killed one) without training")
     args = parser.parse_args()
     root = REALDATA / "consep_tiles256"
     if not (root / "labels.npz").is_file():
         print(f"quality_consep: no CoNSeP tiles at {root} (set CELLEMBED_REALDATA); skipped.")
         sys.exit(0)
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="cellembed-consep-"))
+    if args.collect:
+        report(collect_rows(Path(args.collect), args), args, t0)
+        return
+    tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="cellembed-consep-"))
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
         caches = {}
         for weights in sorted({VARIANTS[v][0] for v in args.variants}):
@@ -172,20 +182,60 @@ def main() -> None:
             print(f"extracted {weights} caches in {seconds:.0f} s (train + val)", flush=True)
         rows = [run_variant(name, caches, root, args, tmp, seed) for name in args.variants for seed in args.seeds]
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report(rows, args, t0)
+
+
+def collect_rows(folder: Path, args) -> list[dict]:
+    """Rows of the runs that finished (scored) in ``folder``; what a run's files do not keep is None (the PQ with the
+    preset's area, extraction seconds) or summed from its epochs (fit seconds: training epochs only)."""
+    rows = []
+    for name in args.variants:
+        weights, source, augment = VARIANTS[name]
+        for seed in args.seeds:
+            run = folder / f"run-{name.replace(', ', '-')}-{seed}"
+            scored = run / f"score-{weights}-test" / "metrics.json"
+            if not scored.is_file():
+                print(f"collect: {run} has no test scores (unfinished); left out", flush=True)
+                continue
+            s = json.loads(scored.read_text())["summary"]
+            record = json.loads((run / "config.json").read_text())
+            history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            best = max(history, key=lambda h: h["val_pq"])
+            rows.append({"variant": name, "seed": seed, "weights": weights, "source": source, "augment": augment,
+                         "config": {k: record["config"][k] for k in ("epochs", "lr", "batch_size", "loss", "refine",
+                                                                    "image_skip")},
+                         "pq": s["pq"], "mpq_plus": s["mpq_plus"], "aji": s["aji"], "dq": s["dq"], "sq": s["sq"],
+                         "pq_untuned": None, "mpq_plus_untuned": None, "best_epoch": best["epoch"],
+                         "best_val_pq": best["val_pq"], "min_area": record["postprocess"]["min_area"],
+                         "fit_seconds": sum(h["train_seconds"] for h in history), "extract_seconds": None,
+                         "epoch_seconds": [h["train_seconds"] for h in history], "history": history,
+                         "collected": str(run)})
+    if not rows:
+        raise SystemExit(f"collect: no finished runs in {folder}")
+    return rows
+
+
+def report(rows: list[dict], args, t0: float) -> None:
+    """Write the results' JSON, markdown (mean ± sd per variant) and PNG (validation PQ per epoch and seed)."""
+    from cellembed.train import FitConfig
+
     table = []
     for name in args.variants:
         rs = [r for r in rows if r["variant"] == name]
         fit_s = [r["fit_seconds"] for r in rs]
         table.append({"variant": name, "seeds": len(rs), "PQ": _mean_sd([r["pq"] for r in rs]),
-                      "PQ, preset min area": _mean_sd([r["pq_untuned"] for r in rs]),
+                      "PQ, preset min area": _mean_sd([r["pq_untuned"] for r in rs if r["pq_untuned"] is not None]),
                       "mPQ+": _mean_sd([r["mpq_plus"] for r in rs]), "AJI": _mean_sd([r["aji"] for r in rs]),
                       "DQ": _mean_sd([r["dq"] for r in rs]), "SQ": _mean_sd([r["sq"] for r in rs]),
                       "best epochs": ", ".join(str(r["best_epoch"]) for r in rs),
                       "min area (tuned)": ", ".join(str(r["min_area"]) for r in rs),
                       "median epoch s (train)": f"{statistics.median(sum((r['epoch_seconds'] for r in rs), [])):.1f}",
                       "fit s per seed": f"{statistics.mean(fit_s):.0f}",
-                      "extract s (train + val)": f"{rs[0]['extract_seconds']:.0f}"})
+                      "seeds run": ", ".join(str(r["seed"]) for r in rs),
+                      "extract s (train + val)": ("n/a" if rs[0]["extract_seconds"] is None
+                                                  else f"{rs[0]['extract_seconds']:.0f}")})
     d = FitConfig(out="-")
     cfg = rows[0]["config"]
     description = (
@@ -193,14 +243,17 @@ def main() -> None:
         f"scheme (group_regex `{GROUPS}`): 288 train / 48 validation / 96 test tiles (18 / 3 / 6 images). Encoder "
         f"{ENCODER}, frozen, packaged ImageNet weights unless 'random', input at the tile's native 256 px "
         f"(`--input-policy auto`); everything else is `fit-decoder`'s defaults: unetr decoder with the "
-        f"full-resolution refinement (refine={d.refine}) and image skip ({d.image_skip}), CISCA heads, loss "
+        f"full-resolution refinement (refine={d.refine}) and the image skip (on for unetr), CISCA heads, loss "
         f"{d.loss}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW + OneCycle to a peak lr of "
         f"{cfg['lr']:g}, best epoch by validation PQ, then the minimum instance area tuned on validation "
         "(`--tune`); scored on the test split with 40x CISCA post-processing. Cache runs read from RAM; "
         "'dihedral' flips / quarter-turns the cached levels, image and GT together; 'live, full' runs the encoder "
-        "in the loop with CISCA's full image-space augmentation. Each cell: mean ± sd over seeds "
-        f"{', '.join(map(str, args.seeds))} (the seed sets decoder init and batch order). Wall times on this CPU "
-        f"({torch.get_num_threads()} torch threads, {args.workers} workers).")
+        "in the loop with CISCA's full image-space augmentation. Each cell: mean ± sd over the seeds run (the seed "
+        f"sets decoder init and batch order). Wall times on this CPU ({torch.get_num_threads()} torch threads, "
+        f"{args.workers} workers)."
+        + (" Collected with `--collect` from an interrupted invocation: only its finished runs, 'fit s' counts "
+           "their training epochs only, and the PQ at the preset's minimum area was not kept."
+           if any("collected" in r for r in rows) else ""))
     payload = {"machine": machine(), "args": vars(args), "rows": rows, "seconds": time.perf_counter() - t0,
                "description": description}
 
@@ -208,10 +261,10 @@ def main() -> None:
         for i, r in enumerate(rows):
             ax.plot([h["epoch"] for h in r["history"]], [h.get("val_pq") or 0 for h in r["history"]],
                     color=f"C{args.variants.index(r['variant'])}", alpha=0.8,
-                    label=r["variant"] if r["seed"] == args.seeds[0] else None)
+                    label=f"{r['variant']}, seed {r['seed']} (test PQ {r['pq']:.3f})")
         ax.set_xlabel("epoch")
         ax.set_ylabel("validation PQ")
-        ax.set_title("CoNSeP, EfficientNet-Lite0 + unetr/CISCA (one line per seed)")
+        ax.set_title("CoNSeP, EfficientNet-Lite0 + unetr/CISCA, fit-decoder defaults")
         ax.legend(fontsize=7)
 
     md = write_results(args.name, payload, table, plot)
