@@ -15,7 +15,8 @@ Two full-resolution designs (``refine``):
   concatenated with the image features and refined by two 3×3 conv blocks before the heads. Nuclei are
   10–20 px wide at 40x, so boundaries between touching nuclei, and the sharp +1 → −1 steps of the
   directional maps that CISCA's post-processing cuts along, need this full-resolution information: on
-  CoNSeP it moves test PQ from 0.2 to above 0.5 (``benchmarks/results/accuracy_consep_cpu.md``).
+  CoNSeP (EfficientNet-Lite0, 10 epochs, one seed) it moved test PQ from 0.200 to 0.307
+  (``benchmarks/results/ablation_consep_cpu.md``, step 2).
 * ``refine=False``: Mind the Gap's narrow design, one 3×3 conv + ReLU at 16 channels at full resolution
   (after an optional single 3×3 conv image skip), no BatchNorm in the fuse convs; kept for the ablation and
   for reading older runs. Full-resolution work is the whole cost of a cached epoch (DESIGN.md §6 speed

@@ -21,8 +21,9 @@ def resolve_input_policy(spec: EncoderSpec, input_policy: str) -> str:
     grids align with it), "resize" for ViTs (the papers' protocol: position embeddings at their native size).
     Other policies are returned unchanged.
 
-    On CoNSeP (40x) the EfficientNet-Lite0 decoder gains PQ at native size (256 instead of 224 px: grids 64/32/
-    16/8 at strides 4/8/16/32 exactly; ``benchmarks/results/accuracy_consep_cpu.md``).
+    At native size EfficientNet-Lite0's grids are 64/32/16/8 at strides 4/8/16/32 exactly (224 px gives strides
+    of 4.57 … 36.6). On CoNSeP with the narrow decoder the change alone moved test PQ only 0.191 → 0.200 (one
+    seed, within noise; ``benchmarks/results/ablation_consep_cpu.md``, step 1).
     """
     if input_policy not in INPUT_POLICIES:
         raise ValueError(f"unknown input_policy {input_policy!r}; use one of {INPUT_POLICIES}")
