@@ -243,6 +243,16 @@ def save_overlay(path: Path, image: np.ndarray, pred: np.ndarray, true: np.ndarr
     Image.fromarray(np.concatenate([panels[0], gap, panels[1]], 1)).save(path)
 
 
+def _base_area(post: Postprocess) -> int:
+    return post.effective_min_area or (10 if post.head == "hovernet" else 1)
+
+
+def area_candidates(post: Postprocess) -> list[int]:
+    """The minimum areas ``tune`` tries by default: ``post``'s area (hovernet without one: 10) × 0, ¼, …, 2."""
+    base = _base_area(post)
+    return sorted({int(round(base * f)) for f in (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)})
+
+
 def tune_run(run_path: str | Path, cache_path: str | Path, *, metric: str = "pq", areas: list[int] | None = None,
              device: str = "auto", batch_size: int = 16, num_workers: int = 2,
              on_progress: ProgressFn | None = None) -> dict:
@@ -263,8 +273,8 @@ def tune_run(run_path: str | Path, cache_path: str | Path, *, metric: str = "pq"
     run = load_run(run_path, dev)
     if run.post.head not in INSTANCE_HEADS:
         raise ValueError(f"{run.path}: only instance heads (cisca, hovernet) have a minimum area to tune")
-    base = run.post.effective_min_area or (10 if run.post.head == "hovernet" else 1)
-    areas = sorted(set(areas if areas else [int(round(base * f)) for f in (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)]))
+    base = _base_area(run.post)
+    areas = sorted(set(areas if areas else area_candidates(run.post)))
     loader = _loader(run, open_cache(cache_path), dev, batch_size, num_workers, "validation cache")
     posts = {a: replace(run.post, min_area=a) for a in areas}
     counts: dict[int, list] = {a: [] for a in areas}

@@ -189,12 +189,10 @@ def _tune_min_area(config: FitConfig, run_dir: Path, post: Postprocess) -> None:
 
     The candidates come from the run's preset, not from an earlier tuning, so a rerun tunes the same way.
     """
-    from cellembed.evaluate._run import tune_run
+    from cellembed.evaluate._run import area_candidates, tune_run
 
-    base = post.effective_min_area or (10 if post.head == "hovernet" else 1)
-    areas = sorted({int(round(base * f)) for f in (0, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2)})
     metric = "pq" if "loss" in config.best_metric else config.best_metric
-    tune_run(run_dir, config.val_cache, metric=metric, areas=areas, device=config.device,
+    tune_run(run_dir, config.val_cache, metric=metric, areas=area_candidates(post), device=config.device,
              num_workers=config.num_workers)
 
 
