@@ -41,9 +41,11 @@ import torch
 try:
     from benchmarks._common import REALDATA, RESULTS, machine, write_results
     from benchmarks._diagnose import oracle_swaps, overlay_grid
+    from benchmarks.ablation_consep import settings as ablation_settings
 except ImportError:  # run as a script from the benchmarks folder
     from _common import REALDATA, RESULTS, machine, write_results
     from _diagnose import oracle_swaps, overlay_grid
+    from ablation_consep import settings as ablation_settings
 
 ENCODER = "efficientnet_lite0_in1k"
 ABLATED = "pretrained, cache, dihedral"
@@ -129,10 +131,17 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int)
 
 def _ablation_row(step: str, cfg, fit, score, test: str) -> dict:
     """A row of ``ablation_consep.py``'s table for this run (same data, split and settings as its steps)."""
+    from cellembed.encoders import get_spec
+    from cellembed.encoders._build import resolve_input_policy
+    from cellembed.train._fit import _image_skip
+
+    settings = ablation_settings(step)
+    actual = {**{k: getattr(cfg, k) for k in settings if hasattr(cfg, k)}, "image_skip": _image_skip(cfg),
+              "tune": settings["tune"],  # applied after the fit, as step 6 of the ablation does
+              "input_policy": resolve_input_policy(get_spec(ENCODER), "auto")}  # the caches' (extract's default)
+    if any(actual[k] != settings[k] for k in actual):  # the ablation's step must be what this run trained
+        raise RuntimeError(f"{step}: this run's settings {actual} are not the ablation's {settings}")
     m = score.metrics["summary"]
-    settings = {"input_policy": "native-grid", "refine": cfg.refine, "image_skip": cfg.image_skip, "loss": cfg.loss,
-                "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "magnification": cfg.magnification,
-                "postprocess": None, "augment": cfg.augment, "tune": step.startswith("6")}
     return {"step": step, "seed": cfg.seed, "settings": settings, "pq": m["pq"], "dq": m["dq"], "sq": m["sq"],
             "mpq_plus": m["mpq_plus"], "aji": m["aji"], "best_epoch": fit.best["epoch"], "fit_seconds": fit.seconds,
             "epoch_seconds": sorted(h["train_seconds"] for h in fit.history)[len(fit.history) // 2],
