@@ -80,3 +80,13 @@ def test_one_of_two_ranks_killed_then_rerun_equals_uninterrupted(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert read_manifest(out) == read_manifest(ref)
     assert _shards(out) == _shards(ref)
+
+
+def test_a_manifest_temp_file_left_by_a_killed_run_is_removed_on_rerun(whole, tmp_path):
+    # SIGKILL between write_json_atomic's open and its rename leaves ".manifest.json.<pid>.tmp" behind
+    out = tmp_path / "cache"
+    extract(_config(out))
+    stale = out / ".manifest.json.999999.tmp"
+    stale.write_text('{"half": ')
+    extract(_config(out))
+    assert not stale.exists() and read_manifest(out) == read_manifest(whole)

@@ -30,7 +30,8 @@ def _short(value) -> str:
 
 
 def prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
-    """Refuse a directory holding another cache (unless overwrite); record this cache's header."""
+    """Refuse a directory holding another cache (unless overwrite); remove a manifest temp file that a killed
+    run left (rank 0); record this cache's header."""
     existing = None
     for path in (out / MANIFEST, out / PARTS / HEADER):
         if path.is_file():
@@ -47,6 +48,9 @@ def prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
     elif existing is None and out.exists() and any(out.iterdir()) and not (out / PARTS).exists():
         raise CacheError(f"{out} exists, is not empty and is not a cellembed cache; choose another --out "
                          "(--overwrite only replaces caches, never other files)")
+    if rank == 0:  # only rank 0 writes the manifest: a temp file of it is a killed run's leftover
+        for path in out.glob(f".{MANIFEST}.*.tmp"):
+            path.unlink(missing_ok=True)
     (out / PARTS).mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / PARTS / HEADER, header)
 
