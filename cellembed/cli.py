@@ -211,6 +211,9 @@ def fit_decoder(
                                         "--best-metric (early stopping; default: run every epoch)."),
     image_levels: int = typer.Option(2, min=2, max=3, help="unetr --refine --image-skip: image features at full "
                                      "and 1/2 resolution (2), or also at 1/4 (3)."),
+    full_channels: int | None = typer.Option(None, min=1, help="unetr: width of the full-resolution layers "
+                                             "(default: 16 with --refine and --no-refine). Wider fits CoNSeP "
+                                             "better and costs more per step (README, accuracy)."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="After training, pick the minimum instance area on "
                               "--val-cache (as `cellembed tune`) and save it with the run."),
     best_metric: str = typer.Option("pq", help="Validation value that picks model.safetensors: pq | mpq_plus | "

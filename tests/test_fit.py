@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cellembed.cache import CacheError, ExtractConfig, extract, open_cache
 from cellembed.cli import app
 from cellembed.evaluate import score_run, tune_run
+from cellembed.evaluate._run import load_run
 from cellembed.metrics import score_arrays
 from cellembed.train import FitConfig, fit_decoder
 from cellembed.train._checkpoint import last_tensors
@@ -200,6 +201,16 @@ def test_narrow_decoder_runs_still_load_and_score(caches, tmp_path):
     del record["decoder"]["refine"]  # a run written before the option existed used the narrow design
     (run / "config.json").write_text(json.dumps(record))
     assert score_run(run, caches["val"], tmp_path / "s", num_workers=0).metrics["summary"]["pq"] is not None
+
+
+def test_full_channels_is_recorded_and_rebuilt(caches, tmp_path):
+    run = fit_decoder(_config(caches, tmp_path / "run", epochs=1, full_channels=8, tune=False)).run_dir
+    record = json.loads((run / "config.json").read_text())
+    assert record["decoder"]["full_channels"] == 8
+    loaded = load_run(run)
+    assert loaded.model.full_channels == 8 and loaded.model.full[0][0].out_channels == 8
+    default = load_run(fit_decoder(_config(caches, tmp_path / "default", epochs=1, tune=False)).run_dir)
+    assert default.model.full_channels == 16  # REFINE_CHANNELS
 
 
 def test_tune_saves_min_area_used_by_score(caches, tmp_path):

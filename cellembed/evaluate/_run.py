@@ -69,7 +69,8 @@ def decoder_options(dec: dict) -> dict:
     design (``refine=False``)."""
     if dec["name"] != "unetr":
         return {}
-    return {"refine": bool(dec.get("refine", False)), "image_levels": int(dec.get("image_levels", 2))}
+    return {"refine": bool(dec.get("refine", False)), "image_levels": int(dec.get("image_levels", 2)),
+            "full_channels": dec.get("full_channels")}
 
 
 def _device(name: str) -> torch.device:

@@ -77,6 +77,7 @@ class FitConfig:
     image_skip: bool | None = None
     refine: bool = True
     image_levels: int = 2
+    full_channels: int | None = None
     tune: bool = True
     patience: int | None = None
     levels: str | None = None
@@ -203,8 +204,10 @@ def _image_skip(config: FitConfig) -> bool:
 
 
 def _decoder_options(config: FitConfig) -> dict:
-    """Decoder-specific build options of the config (unetr: ``refine``, ``image_levels``)."""
-    return {"refine": config.refine, "image_levels": config.image_levels} if config.decoder == "unetr" else {}
+    """Decoder-specific build options of the config (unetr: ``refine``, ``image_levels``, ``full_channels``)."""
+    if config.decoder != "unetr":
+        return {}
+    return {"refine": config.refine, "image_levels": config.image_levels, "full_channels": config.full_channels}
 
 
 def _check_config(c: FitConfig) -> None:
