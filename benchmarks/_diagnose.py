@@ -121,3 +121,35 @@ def overlay_grid(run_dir, cache_dir, path: Path, n: int = 4) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def per_source_image(score_dir, group_regex: str = r"(.+)_\d+$") -> list[dict]:
+    """PQ, DQ, SQ, P and R per source image of a ``score_run`` output (its per-tile counts regrouped).
+
+    The tiles of one source image are pooled (their TP, FP, FN and IoU sums added; PQ = DQ × SQ of the
+    pool), so one image with many nuclei counts as much as its nuclei, not as its tile count. Shows how
+    much of a split's PQ comes from its hardest images.
+    """
+    import json
+    import re
+
+    score_dir = Path(score_dir)
+    per_image = json.loads((score_dir / "metrics.json").read_text())["per_image"]
+    keys = (score_dir / "keys.txt").read_text().split()
+    pools: dict[str, dict] = {}
+    for key, counts in zip(keys, per_image):
+        match = re.fullmatch(group_regex, key)
+        pool = pools.setdefault(match.group(1) if match else key, {"tiles": 0, "tp": 0, "fp": 0, "fn": 0, "iou": 0.0})
+        pool["tiles"] += 1
+        for k in ("tp", "fp", "fn"):
+            pool[k] += counts[k]
+        pool["iou"] += counts["iou_sum"]
+    rows = []
+    for name, p in pools.items():
+        tp, fp, fn = p["tp"], p["fp"], p["fn"]
+        dq = tp / (tp + 0.5 * fp + 0.5 * fn) if tp + fp + fn else 0.0
+        sq = p["iou"] / tp if tp else 0.0
+        rows.append({"image": name, "tiles": p["tiles"], "true nuclei": tp + fn, "predicted": tp + fp, "pq": dq * sq,
+                     "dq": dq, "sq": sq, "precision": tp / (tp + fp) if tp + fp else 0.0,
+                     "recall": tp / (tp + fn) if tp + fn else 0.0})
+    return sorted(rows, key=lambda r: r["pq"])

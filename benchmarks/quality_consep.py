@@ -40,11 +40,11 @@ import torch
 
 try:
     from benchmarks._common import REALDATA, RESULTS, machine, write_results
-    from benchmarks._diagnose import oracle_swaps, overlay_grid
+    from benchmarks._diagnose import oracle_swaps, overlay_grid, per_source_image
     from benchmarks.ablation_consep import settings as ablation_settings
 except ImportError:  # run as a script from the benchmarks folder
     from _common import REALDATA, RESULTS, machine, write_results
-    from _diagnose import oracle_swaps, overlay_grid
+    from _diagnose import oracle_swaps, overlay_grid, per_source_image
     from ablation_consep import settings as ablation_settings
 
 ENCODER = "efficientnet_lite0_in1k"
@@ -126,7 +126,7 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int)
             "best_epoch": fit.best["epoch"], "best_val_pq": fit.best["value"], "min_area": tuned,
             "fit_seconds": fit.seconds, "extract_seconds": extract_s,
             "score_seconds": score.seconds, "epoch_seconds": [h["train_seconds"] for h in fit.history],
-            "val_seconds": val_seconds, "history": fit.history}
+            "val_seconds": val_seconds, "history": fit.history, "per_image": per_source_image(score.out, GROUPS)}
 
 
 def _ablation_row(step: str, cfg, fit, score, test: str) -> dict:
@@ -220,7 +220,7 @@ def collect_rows(folder: Path, args) -> list[dict]:
                          "best_val_pq": best["val_pq"], "min_area": record["postprocess"]["min_area"],
                          "fit_seconds": sum(h["train_seconds"] for h in history), "extract_seconds": None,
                          "epoch_seconds": [h["train_seconds"] for h in history], "history": history,
-                         "collected": str(run)})
+                         "per_image": per_source_image(scored.parent, GROUPS), "collected": str(run)})
     if not rows:
         raise SystemExit(f"collect: no finished runs in {folder}")
     return rows
@@ -278,6 +278,41 @@ def report(rows: list[dict], args, t0: float) -> None:
 
     md = write_results(args.name, payload, table, plot)
     print(md.read_text())
+    per_image_report(rows, args)
+
+
+def per_image_report(rows: list[dict], args) -> None:
+    """``<name>_per_image``: test PQ per source image (tiles pooled), mean ± sd over the seeds of each variant."""
+    table, images = [], sorted({p["image"] for r in rows for p in r.get("per_image") or []})
+    for name in args.variants:
+        rs = [r for r in rows if r["variant"] == name and r.get("per_image")]
+        for image in images:
+            ps = [p for r in rs for p in r["per_image"] if p["image"] == image]
+            if ps:
+                table.append({"variant": name, "source image": image, "true nuclei": ps[0]["true nuclei"],
+                              "seeds": len(ps), "PQ": _mean_sd([p["pq"] for p in ps]),
+                              "DQ": _mean_sd([p["dq"] for p in ps]), "SQ": _mean_sd([p["sq"] for p in ps]),
+                              "precision": _mean_sd([p["precision"] for p in ps]),
+                              "recall": _mean_sd([p["recall"] for p in ps])})
+    if not table:
+        return
+    description = (
+        "The test split's PQ by source image: the 16 tiles of each CoNSeP image pooled (TP, FP, FN and IoU sums "
+        "added, PQ = DQ × SQ of the pool), mean ± sd over seeds. The split's PQ (the mean over tiles) is "
+        "dominated by its hardest images; look at their overlays before reading a change in the mean.")
+
+    def plot(ax):
+        for i, name in enumerate(args.variants):
+            part = [t for t in table if t["variant"] == name]
+            ax.bar([j + 0.8 * i / len(args.variants) for j in range(len(part))],
+                   [float(t["PQ"].split(" ")[0]) for t in part], width=0.8 / len(args.variants), label=name)
+        ax.set_xticks(range(len(images)), images, fontsize=7)
+        ax.set_ylabel("test PQ (pooled tiles)")
+        ax.set_title("CoNSeP test split, PQ per source image")
+        ax.legend(fontsize=7)
+
+    write_results(f"{args.name}_per_image", {"machine": machine(), "rows": table, "description": description},
+                  table, plot)
 
 
 if __name__ == "__main__":
