@@ -204,6 +204,23 @@ def test_image_branch_at_quarter_resolution():
     assert again.load_state_dict(dec.state_dict()) and again.image_levels == 3
 
 
+@pytest.mark.parametrize("head, key", [("cisca", "types"), ("hovernet", "nc")])
+def test_type_branch_predicts_types_at_half_resolution(head, key):
+    levels = hier_levels(4)
+    dec = build_decoder("unetr", levels, T, head, 5, image_skip=True, type_branch=True)
+    assert dec.type_branch and dec.config()["type_branch"] is True and key not in dec.out.convs
+    out = dec(feats_for(levels), image_for())
+    assert [m.key for m in dec.maps] == list(out) and tuple(out[key].shape) == (2, 6, T, T)
+    # the type map's gradient reaches its branch and not the full-resolution layers
+    out[key].square().mean().backward()
+    assert all(p.grad is not None for p in dec.types.parameters())
+    assert all(p.grad is None for p in dec.full.parameters())
+    again = build_decoder(**dec.config())
+    assert again.type_branch and again.load_state_dict(dec.state_dict())
+    # one class: no type map, so no branch
+    assert not build_decoder("unetr", levels, T, "cisca", 1, image_skip=True, type_branch=True).type_branch
+
+
 def test_overfits_a_few_synthetic_tiles_to_high_pq():
     """The decoder path that CoNSeP needs, end to end through CISCA post-processing and PQ: four synthetic
     tiles with touching nuclei, fixed random 'encoder features' (so all spatial detail must come through the

@@ -51,6 +51,9 @@ REFINE_DEPTH = 2
 """3×3 conv blocks at full resolution in the refinement."""
 QUARTER_CHANNELS = 32
 """Width of the image branch's 1/4-resolution block (``image_levels=3``)."""
+TYPE_KEYS = ("types", "nc")
+"""Maps that ``type_branch`` predicts at half resolution (read per instance by soft voting, so they need
+context more than pixel precision)."""
 
 
 def _stride(level: dict, tile_size: int) -> float:
@@ -103,7 +106,8 @@ class UnetrDecoder(Decoder):
     name = "unetr"
 
     def __init__(self, levels: list[dict], tile_size: int, head: str, num_classes: int, image_skip: bool = False,
-                 refine: bool = True, full_channels: int | None = None, image_levels: int = 2):
+                 refine: bool = True, full_channels: int | None = None, image_levels: int = 2,
+                 type_branch: bool = False):
         super().__init__(levels, tile_size, head, num_classes, image_skip)
         self.refine = bool(refine)
         self.full_channels = int(full_channels or (REFINE_CHANNELS if self.refine else FULL_CHANNELS))
@@ -135,12 +139,19 @@ class UnetrDecoder(Decoder):
             self.full = nn.Sequential(*(_conv3x3_relu(full_in if i == 0 else f, f, True) for i in range(REFINE_DEPTH)))
         else:
             self.full = _conv3x3_relu(full_in, f)
-        self.out = OutputConvs(f, self.maps)
+        # the categorical map read per instance (cisca "types", hovernet "nc") from its own half-resolution branch
+        typed = [m for m in self.maps if m.key in TYPE_KEYS]
+        self.type_branch = bool(type_branch) and bool(typed)
+        if self.type_branch:
+            self.types = nn.Sequential(_conv3x3_relu(CHANNELS[0], CHANNELS[0], True),
+                                       nn.Conv2d(CHANNELS[0], typed[0].channels, 1))
+            self.type_key = typed[0].key
+        self.out = OutputConvs(f, tuple(m for m in self.maps if not (self.type_branch and m.key in TYPE_KEYS)))
 
     def config(self) -> dict:
-        """As ``Decoder.config``, plus ``refine``, ``full_channels`` and ``image_levels``."""
+        """As ``Decoder.config``, plus ``refine``, ``full_channels``, ``image_levels`` and ``type_branch``."""
         return {**super().config(), "refine": self.refine, "full_channels": self.full_channels,
-                "image_levels": self.image_levels}
+                "image_levels": self.image_levels, "type_branch": self.type_branch}
 
     def _skips(self, feats: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Project and resize every cached level onto its decoder level; sum those sharing a level."""
@@ -166,7 +177,11 @@ class UnetrDecoder(Decoder):
             if skips[j] is not None:
                 x = torch.cat([x, skips[j]], dim=1)
             x = self.fuse[j](x)
+        types = _fit(self.types(x), (self.tile_size, self.tile_size)) if self.type_branch else None
         x = _fit(self.up_full(x), (self.tile_size, self.tile_size))
         if img is not None:
             x = torch.cat([x, img], dim=1)
-        return self.out(self.full(x))
+        out = self.out(self.full(x))
+        if types is not None:
+            out = {m.key: types if m.key == self.type_key else out[m.key] for m in self.maps}
+        return out

@@ -70,7 +70,7 @@ def decoder_options(dec: dict) -> dict:
     if dec["name"] != "unetr":
         return {}
     return {"refine": bool(dec.get("refine", False)), "image_levels": int(dec.get("image_levels", 2)),
-            "full_channels": dec.get("full_channels")}
+            "full_channels": dec.get("full_channels"), "type_branch": bool(dec.get("type_branch", False))}
 
 
 def _device(name: str) -> torch.device:

@@ -78,6 +78,7 @@ class FitConfig:
     refine: bool = True
     image_levels: int = 2
     full_channels: int | None = None
+    type_branch: bool = False
     tune: bool = True
     patience: int | None = None
     levels: str | None = None
@@ -204,10 +205,12 @@ def _image_skip(config: FitConfig) -> bool:
 
 
 def _decoder_options(config: FitConfig) -> dict:
-    """Decoder-specific build options of the config (unetr: ``refine``, ``image_levels``, ``full_channels``)."""
+    """Decoder-specific build options of the config (unetr: ``refine``, ``image_levels``, ``full_channels``,
+    ``type_branch``)."""
     if config.decoder != "unetr":
         return {}
-    return {"refine": config.refine, "image_levels": config.image_levels, "full_channels": config.full_channels}
+    return {"refine": config.refine, "image_levels": config.image_levels, "full_channels": config.full_channels,
+            "type_branch": config.type_branch}
 
 
 def _check_config(c: FitConfig) -> None:
