@@ -93,6 +93,7 @@ CANDIDATES = {  # name: (fit options, extraction options, context manager factor
     "Dice on boundary + body only": ({}, {}, _dice_without_background),
     "decoder x2 wide + full width 32": ({"full_channels": 32}, {}, lambda: _decoder_width(2)),
     "random encoder weights (control)": ({}, {"weights": "random"}, None),
+    "types from a half-resolution branch (--type-branch)": ({"type_branch": True}, {}, None),
 }
 
 
@@ -202,7 +203,7 @@ def render(rows: list[dict]) -> None:
     def plot(ax):
         for r in rows:
             if r["history"]:
-                style = "k-" if r["candidate"] == "defaults" else "-"
+                style = "k-" if r["candidate"] == "defaults" else ".-"
                 ax.plot([h["epoch"] for h in r["history"]], [h["val_pq"] for h in r["history"]], style,
                         label=f"{r['candidate']} (s{r['seed']})", lw=1.5 if style == "k-" else 1)
         ax.set_xlabel("epoch (of 20)")

@@ -214,9 +214,10 @@ def fit_decoder(
     full_channels: int | None = typer.Option(None, min=1, help="unetr: width of the full-resolution layers "
                                              "(default: 16 with --refine and --no-refine). Wider fits CoNSeP "
                                              "better and costs more per step (README, accuracy)."),
-    type_branch: bool = typer.Option(False, "--type-branch/--no-type-branch", help="unetr: predict the type map "
-                                     "from its own half-resolution branch instead of the shared full-resolution "
-                                     "features."),
+    type_branch: bool = typer.Option(True, "--type-branch/--no-type-branch", help="unetr: predict the type map "
+                                     "from its own half-resolution branch (default); --no-type-branch: from the "
+                                     "shared full-resolution features, as before (the demo's type head collapsed "
+                                     "to one class that way)."),
     tune: bool = typer.Option(True, "--tune/--no-tune", help="After training, pick the minimum instance area on "
                               "--val-cache (as `cellembed tune`) and save it with the run."),
     best_metric: str = typer.Option("pq", help="Validation value that picks model.safetensors: pq | mpq_plus | "

@@ -182,14 +182,17 @@ def test_score_run_is_consistent_with_score_arrays(caches, tmp_path):
 
 
 def test_no_tune_keeps_the_preset_and_early_stopping_stops_and_resumes_stopped(caches, tmp_path):
-    # lr ~0: validation PQ never improves on epoch 1, so patience 2 stops after epoch 3 of 8
+    # lr ~0: the weights stay put (only BatchNorm's running statistics move), so validation PQ soon stops
+    # improving and patience 2 stops the run two epochs after its best one, long before epoch 8
     cfg = _config(caches, tmp_path / "run", epochs=8, lr=1e-12, final_lr=1e-13, patience=2, tune=False)
     result = fit_decoder(cfg)
-    assert [h["epoch"] for h in result.history] == [1, 2, 3] and result.best["epoch"] == 1
+    best = result.best["epoch"]
+    assert [h["epoch"] for h in result.history] == list(range(1, best + 3)) and best + 2 < 8
+    assert all(h["val_pq"] <= result.best["value"] for h in result.history)
     record = json.loads((result.run_dir / "config.json").read_text())
     assert record["postprocess"]["min_area"] is None and not (result.run_dir / "tune.json").exists()
     again = fit_decoder(cfg)  # a rerun of a stopped run trains nothing more
-    assert again.epochs_run == 0 and len(again.history) == 3
+    assert again.epochs_run == 0 and len(again.history) == len(result.history)
     with pytest.raises(ValueError, match="patience"):
         fit_decoder(_config(caches, tmp_path / "bad", patience=0))
 

@@ -78,7 +78,7 @@ class FitConfig:
     refine: bool = True
     image_levels: int = 2
     full_channels: int | None = None
-    type_branch: bool = False
+    type_branch: bool = True
     tune: bool = True
     patience: int | None = None
     levels: str | None = None
