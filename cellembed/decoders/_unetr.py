@@ -26,9 +26,9 @@ Type map (``type_branch``, on by default): the categorical map that is read per 
 hovernet "nc") comes from its own branch on the reduction-2 features (3×3 conv block + 1×1 conv, bilinearly
 resized to full resolution) instead of sharing the 16 full-resolution channels with the 3-class and
 directional maps. Post-processing sums type probabilities over each instance, so the map needs context more
-than pixel precision. On the synthetic demo the shared design predicted every nucleus as one class (test
-mPQ+ 0.117, PQ 0.720); with the branch, mPQ+ 0.556 at PQ 0.727 (same data, 20 epochs). Runs recorded before
-the option existed load without it.
+than pixel precision. On the synthetic demo (``cellembed demo``) the shared design predicted every nucleus
+as one class (test mPQ+ 0.117, PQ 0.720); with the branch, mPQ+ 0.617 at PQ 0.722 (same data, 20 epochs).
+Runs recorded before the option existed load without it.
 
 Mapping k cached levels onto the four decoder levels (``assign_slots``): cached levels are ranked from
 shallow to deep by (stride, block, position). With k <= 4 they fill the *deepest* k decoder levels in
