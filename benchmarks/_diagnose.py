@@ -153,3 +153,79 @@ def per_source_image(score_dir, group_regex: str = r"(.+)_\d+$") -> list[dict]:
                      "dq": dq, "sq": sq, "precision": tp / (tp + fp) if tp + fp else 0.0,
                      "recall": tp / (tp + fn) if tp + fn else 0.0})
     return sorted(rows, key=lambda r: r["pq"])
+
+
+GRID = {"preset": ("40x", "20x"), "min_area": (24, 40, 60, 80), "contour_threshold": (0.45, 0.57, 0.7),
+        "fg_threshold": (0.4, 0.5)}
+"""CISCA post-processing constants ``postprocess_grid`` tries (the preset sets the structuring elements)."""
+
+
+def postprocess_grid(run_dir, cache_dir, grid: dict = GRID) -> list[dict]:
+    """PQ, DQ, SQ, mPQ+, P and R of a run's own maps under every combination of CISCA constants in ``grid``.
+
+    The decoder runs once; each combination post-processes the same maps. Tells whether the post-processing's
+    constants, rather than the maps, limit a run.
+    """
+    import itertools
+    from dataclasses import replace
+
+    from cellembed.metrics import image_counts, score_counts
+    from cellembed.postprocess import CISCA_PRESETS, cisca_instances
+
+    run, batches = _predict(run_dir, cache_dir)
+    combos = [dict(zip(grid, values)) for values in itertools.product(*grid.values())]
+    rows = []
+    for combo in combos:
+        params = replace(CISCA_PRESETS[combo["preset"]], **{k: v for k, v in combo.items() if k != "preset"})
+        counts = []
+        for maps, _, true, _ in batches:
+            for i in range(len(true)):
+                typed = maps["types"][i] if "types" in maps else None
+                inst, types = cisca_instances(maps["classes"][i], maps["directions"][i], typed, params)
+                counts.append(image_counts(np.stack([inst, types], -1).astype(np.int32), true[i], run.num_classes))
+        s = score_counts(counts, run.num_classes)["summary"]
+        rows.append({**combo, **{k: s[k] for k in ("pq", "dq", "sq", "mpq_plus", "precision", "recall")}})
+    return rows
+
+
+def main() -> None:
+    """``python benchmarks/_diagnose.py grid RUN VAL_CACHE TEST_CACHE [--name NAME]``: the post-processing grid of a
+    run on its validation and test caches, written to ``results/<NAME>.{json,md,png}``."""
+    import argparse
+
+    try:
+        from benchmarks._common import machine, write_results
+    except ImportError:
+        from _common import machine, write_results
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("what", choices=["grid"])
+    parser.add_argument("run")
+    parser.add_argument("val_cache")
+    parser.add_argument("test_cache")
+    parser.add_argument("--name", default="postprocess_grid_consep_cpu")
+    args = parser.parse_args()
+    val, test = postprocess_grid(args.run, args.val_cache), postprocess_grid(args.run, args.test_cache)
+    preset = {"preset": "40x", "min_area": 80, "contour_threshold": 0.57, "fg_threshold": 0.5}
+    keys = list(GRID)
+    table = [{**{k: v[k] for k in keys}, "run's setting": "yes" if all(v[k] == preset[k] for k in keys) else "",
+              "val PQ": f"{v['pq']:.3f}", "test PQ": f"{t['pq']:.3f}", "test DQ": f"{t['dq']:.3f}",
+              "test SQ": f"{t['sq']:.3f}", "test mPQ+": f"{t['mpq_plus']:.3f}"}
+             for v, t in sorted(zip(val, test), key=lambda vt: -vt[0]["pq"])]
+    description = (f"Run `{args.run}`: its own maps post-processed with every combination of CISCA constants "
+                   f"({', '.join(f'{k} {v}' for k, v in GRID.items())}; the preset sets the structuring elements), "
+                   "sorted by validation PQ. The run's own setting is preset 40x, minimum area 80, contour threshold "
+                   "0.57, foreground threshold 0.5.")
+
+    def plot(ax):
+        ax.scatter([v["pq"] for v in val], [t["pq"] for t in test], s=12)
+        ax.set_xlabel("validation PQ")
+        ax.set_ylabel("test PQ")
+        ax.set_title("post-processing constants: validation vs test PQ")
+
+    write_results(args.name, {"machine": machine(), "run": args.run, "val": val, "test": test,
+                              "description": description}, table, plot)
+
+
+if __name__ == "__main__":
+    main()
