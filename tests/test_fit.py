@@ -216,6 +216,20 @@ def test_full_channels_is_recorded_and_rebuilt(caches, tmp_path):
     assert default.model.full_channels == 16  # REFINE_CHANNELS
 
 
+def test_run_recorded_before_type_branch_resumes_with_its_old_value(caches, tmp_path):
+    cfg = _config(caches, tmp_path / "run", epochs=2, type_branch=False, tune=False)
+    first = fit_decoder(cfg)
+    assert first.epochs_run == 2
+    path = first.run_dir / "config.json"
+    record = json.loads(path.read_text())
+    for part, key in (("config", "type_branch"), ("config", "full_channels"), ("decoder", "type_branch")):
+        del record[part][key]  # as written before these options existed
+    path.write_text(json.dumps(record))
+    assert fit_decoder(cfg).epochs_run == 0  # the same run: nothing left to train, nothing refused
+    with pytest.raises(ValueError, match="another config"):
+        fit_decoder(_config(caches, tmp_path / "run", epochs=2, tune=False))  # the type branch is another model
+
+
 def test_tune_saves_min_area_used_by_score(caches, tmp_path):
     run = fit_decoder(_config(caches, tmp_path / "run", epochs=1)).run_dir
     result = tune_run(run, caches["val"], areas=[0, 7, 30], num_workers=0)
