@@ -205,8 +205,17 @@ def main() -> None:
     parser.add_argument("test_cache")
     parser.add_argument("--name", default="postprocess_grid_consep_cpu")
     args = parser.parse_args()
+    from cellembed.evaluate._run import load_run
+    from cellembed.postprocess import CISCA_PRESETS
+
+    post = load_run(args.run).post
+    if post.head != "cisca":
+        raise SystemExit(f"{args.run}: the grid tries CISCA post-processing constants; this run's head is "
+                         f"{post.head!r} (train with --head cisca)")
     val, test = postprocess_grid(args.run, args.val_cache), postprocess_grid(args.run, args.test_cache)
-    preset = {"preset": "40x", "min_area": 80, "contour_threshold": 0.57, "fg_threshold": 0.5}
+    constants = CISCA_PRESETS[post.preset]
+    preset = {"preset": post.preset, "min_area": post.effective_min_area,
+              "contour_threshold": constants.contour_threshold, "fg_threshold": constants.fg_threshold}
     keys = list(GRID)
     table = [{**{k: v[k] for k in keys}, "run's setting": "yes" if all(v[k] == preset[k] for k in keys) else "",
               "val PQ": f"{v['pq']:.3f}", "test PQ": f"{t['pq']:.3f}", "test DQ": f"{t['dq']:.3f}",
@@ -214,8 +223,8 @@ def main() -> None:
              for v, t in sorted(zip(val, test), key=lambda vt: -vt[0]["pq"])]
     description = (f"Run `{args.run}`: its own maps post-processed with every combination of CISCA constants "
                    f"({', '.join(f'{k} {v}' for k, v in GRID.items())}; the preset sets the structuring elements), "
-                   "sorted by validation PQ. The run's own setting is preset 40x, minimum area 80, contour threshold "
-                   "0.57, foreground threshold 0.5.")
+                   "sorted by validation PQ. The run's own setting: "
+                   + ", ".join(f"{k} {v}" for k, v in preset.items()) + ".")
 
     def plot(ax):
         ax.scatter([v["pq"] for v in val], [t["pq"] for t in test], s=12)

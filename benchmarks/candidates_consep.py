@@ -29,11 +29,12 @@ import torch
 
 try:
     from benchmarks._common import REALDATA, RESULTS, machine, write_results
+    from benchmarks.quality_consep import extract_splits
 except ImportError:  # run as a script from the benchmarks folder
     from _common import REALDATA, RESULTS, machine, write_results
+    from quality_consep import extract_splits
 
 ENCODER = "efficientnet_lite0_in1k"
-GROUPS = r"(.+)_\d+$"
 NAME = "candidates_consep_cpu"
 JSONL = RESULTS / f"{NAME}.jsonl"
 
@@ -98,18 +99,9 @@ CANDIDATES = {  # name: (fit options, extraction options, context manager factor
 
 
 def caches(root: Path, tmp: Path, weights: str = "packaged", scale: int = 1) -> dict:
-    from cellembed.cache import ExtractConfig, extract
-
-    paths = {}
+    """Train / val / test caches as ``quality_consep.py`` extracts them (resumed when already there)."""
     with _input_scale(scale) if scale != 1 else contextlib.nullcontext():
-        for split in ("train", "val", "test"):
-            out = tmp / f"{weights}-x{scale}-{split}"
-            if not (out / "manifest.json").is_file():
-                extract(ExtractConfig(dataset="folder", root=str(root), out=str(out), encoder=ENCODER, weights=weights,
-                                      split=split, scheme="cisca", device="cpu", num_workers=2, batch_size=16,
-                                      shard_size=64, dataset_options={"group_regex": GROUPS}))
-            paths[split] = str(out)
-    return paths
+        return extract_splits(root, weights, tmp / f"x{scale}", workers=2)[0]
 
 
 class _Stop(Exception):

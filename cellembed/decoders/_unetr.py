@@ -148,13 +148,13 @@ class UnetrDecoder(Decoder):
         else:
             self.full = _conv3x3_relu(full_in, f)
         # the categorical map read per instance (cisca "types", hovernet "nc") from its own half-resolution branch
-        typed = [m for m in self.maps if m.key in TYPE_KEYS]
-        self.type_branch = bool(type_branch) and bool(typed)
-        if self.type_branch:
+        typed = [m for m in self.maps if m.key in TYPE_KEYS] if type_branch else []
+        self.type_branch = bool(typed)
+        self.type_key = typed[0].key if typed else None
+        if typed:
             self.types = nn.Sequential(_conv3x3_relu(CHANNELS[0], CHANNELS[0], True),
                                        nn.Conv2d(CHANNELS[0], typed[0].channels, 1))
-            self.type_key = typed[0].key
-        self.out = OutputConvs(f, tuple(m for m in self.maps if not (self.type_branch and m.key in TYPE_KEYS)))
+        self.out = OutputConvs(f, tuple(m for m in self.maps if m.key != self.type_key))
 
     def config(self) -> dict:
         """As ``Decoder.config``, plus ``refine``, ``full_channels``, ``image_levels`` and ``type_branch``."""

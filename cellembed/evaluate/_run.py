@@ -64,13 +64,18 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
     return Run(path, record, model, Postprocess(**record["postprocess"]))
 
 
+LEGACY_DECODER = {"refine": False, "image_levels": 2, "type_branch": False}
+"""unetr options that runs recorded before each option existed used (their ``decoder`` record lacks the key):
+the narrow design, no 1/4-resolution image block, types from the shared full-resolution features."""
+
+
 def decoder_options(dec: dict) -> dict:
-    """Build options recorded with a run's decoder; unetr runs from before ``refine`` existed used the narrow
-    design (``refine=False``)."""
+    """Build options recorded with a run's decoder, ``LEGACY_DECODER`` filling the keys older runs lack."""
     if dec["name"] != "unetr":
         return {}
-    return {"refine": bool(dec.get("refine", False)), "image_levels": int(dec.get("image_levels", 2)),
-            "full_channels": dec.get("full_channels"), "type_branch": bool(dec.get("type_branch", False))}
+    dec = {**LEGACY_DECODER, **dec}
+    return {"refine": bool(dec["refine"]), "image_levels": int(dec["image_levels"]),
+            "full_channels": dec.get("full_channels"), "type_branch": bool(dec["type_branch"])}
 
 
 def _device(name: str) -> torch.device:

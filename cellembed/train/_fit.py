@@ -352,13 +352,16 @@ def _record(config: FitConfig, source: dict, n_params: int, post: Postprocess, n
             "postprocess": post.to_dict()}
 
 
-LEGACY = {"config": {"full_channels": None, "type_branch": False}, "decoder": {"type_branch": False}}
-"""What a run recorded before an option existed used: its config.json lacks the key (so a run interrupted
-before the upgrade resumes when the option is given its old value, e.g. ``--no-type-branch``)."""
+LEGACY_CONFIG = {"full_channels": None, "type_branch": False}
+"""Fit options that runs recorded before each option existed used (their config.json lacks the key), so a run
+interrupted before the upgrade resumes when the option is given its old value, e.g. ``--no-type-branch``."""
 
 
 def _same_run(old: dict, new: dict) -> bool:
-    old = {**old, **{part: {**LEGACY[part], **old[part]} for part in LEGACY if isinstance(old.get(part), dict)}}
+    from cellembed.evaluate._run import LEGACY_DECODER
+
+    legacy = {"config": LEGACY_CONFIG, "decoder": LEGACY_DECODER}
+    old = {**old, **{part: {**legacy[part], **old[part]} for part in legacy if isinstance(old.get(part), dict)}}
     strip = lambda r: {**r, "config": {k: v for k, v in r["config"].items() if k not in RESUME_FREE},
                        "postprocess": None}
     return strip(old) == strip(json.loads(json.dumps(new)))
