@@ -214,6 +214,8 @@ def fit_decoder(
     full_channels: int | None = typer.Option(None, min=1, help="unetr: width of the full-resolution layers "
                                              "(default: 16 with --refine and --no-refine). Wider fits CoNSeP "
                                              "better and costs more per step (README, accuracy)."),
+    level_depth: int = typer.Option(1, min=1, help="unetr: 3×3 conv blocks per decoder level at reductions 2 to "
+                                    "16 (the deepest level gets level_depth - 1 of its own)."),
     type_branch: bool = typer.Option(True, "--type-branch/--no-type-branch", help="unetr: predict the type map "
                                      "from its own half-resolution branch (default); --no-type-branch: from the "
                                      "shared full-resolution features, as before (the demo's type head collapsed "
@@ -355,6 +357,8 @@ def score(
     batch_size: int = typer.Option(16, min=1, help="With RUN: decoder batch size."),
     workers: int = typer.Option(2, min=0, help="With RUN: cache reader worker processes."),
     overwrite: bool = typer.Option(False, help="With RUN: replace earlier scores in the output folder."),
+    tta: bool = typer.Option(False, help="With RUN: average the decoder's maps over the 8 flips / quarter turns "
+                             "(not in the CISCA / Mind the Gap protocol; CoNSeP: +0.001 PQ, README)."),
 ):
     """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI."""
     from cellembed.cache import CacheError
@@ -375,7 +379,7 @@ def score(
                 from cellembed.evaluate import score_run
 
                 result = score_run(run, cache, out, device=device, batch_size=batch_size, num_workers=workers,
-                                   on_progress=progress, overwrite=overwrite)
+                                   on_progress=progress, overwrite=overwrite, tta=tta)
         except (CacheError, *USER_ERRORS) as err:
             _fail(err)
         _print_scores(result.metrics, f"{run.name} on {cache.name} ({result.metrics['protocol']['n_images']} images)")

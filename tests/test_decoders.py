@@ -204,6 +204,26 @@ def test_image_branch_at_quarter_resolution():
     assert again.load_state_dict(dec.state_dict()) and again.image_levels == 3
 
 
+def test_level_depth_adds_conv_blocks_per_level():
+    levels = hier_levels(4)
+    one = build_decoder("unetr", levels, T, "cisca", 5, image_skip=True)
+    two = build_decoder("unetr", levels, T, "cisca", 5, image_skip=True, level_depth=2)
+    assert one.config()["level_depth"] == 1 and len(one.bottom) == 0
+    assert two.config()["level_depth"] == 2 and len(two.bottom) == 1
+    # level_depth 1 keeps the parameter names of runs recorded before the option existed
+    assert "fuse.0.0.weight" in one.state_dict() and "fuse.0.1.0.weight" in two.state_dict()
+    extra = sum(p.numel() for p in two.parameters()) - sum(p.numel() for p in one.parameters())
+    assert extra == sum(9 * c * c + 2 * c for c in (32, 64, 128, 256))  # one 3×3 conv + BatchNorm per level
+    out = two(feats_for(levels), image_for())
+    assert tuple(out["directions"].shape) == (2, 4, T, T)
+    sum(v.square().mean() for v in out.values()).backward()
+    assert all(p.grad is not None for p in two.bottom.parameters())
+    again = build_decoder(**two.config())
+    assert again.load_state_dict(two.state_dict()) and again.level_depth == 2
+    with pytest.raises(ValueError, match="level_depth"):
+        build_decoder("unetr", levels, T, "cisca", 5, level_depth=0)
+
+
 @pytest.mark.parametrize("head, key", [("cisca", "types"), ("hovernet", "nc")])
 def test_type_branch_predicts_types_at_half_resolution(head, key):
     levels = hier_levels(4)

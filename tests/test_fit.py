@@ -255,6 +255,10 @@ def test_cli_fit_score_tune_and_config(caches, tmp_path):
     res = runner.invoke(app, ["score", str(tmp_path / "run"), "--cache", str(caches["val"]), "--workers", "0"])
     assert res.exit_code == 0, res.output
     assert "mpq_plus" in res.output and (tmp_path / "run" / "score-val" / "metrics.json").is_file()
+    res = runner.invoke(app, ["score", str(tmp_path / "run"), "--cache", str(caches["val"]), "--workers", "0",
+                              "--tta", "--out", str(tmp_path / "tta")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "tta" / "metrics.json").read_text())["protocol"]["tta"].startswith("dihedral")
     res = runner.invoke(app, ["tune", str(tmp_path / "run"), "--cache", str(caches["val"]), "--areas", "0,40",
                               "--workers", "0"])
     assert res.exit_code == 0 and "saved min_area" in res.output

@@ -476,3 +476,50 @@ def test_oversampled_loader_ranks_unshuffled_and_refusals(typed, tmp_path):
     shard.write_bytes(shard.read_bytes()[:3000])
     with pytest.raises(CacheError, match=shard.name):
         make_loader(bad, batch_size=2, memory="stream", oversample="cisca-pannuke")
+
+
+def test_undo_dihedral_maps_brings_variant_targets_back():
+    """Test-time augmentation's inverse: the targets of a flipped / turned tile, undone, are the tile's own
+    (CISCA exactly; HoVer-Net's maps up to its rounded centres); the wrong sign would be far off."""
+    from cellembed.cache._augment import dihedral_inverse, undo_dihedral_maps
+
+    for inst, typ, mag in _dihedral_cases()[:3]:
+        base = sample_targets(inst, typ, "cisca", mag)
+        hv = hover_targets(inst, typ).hv
+        for v in range(8):
+            assert torch.equal(dihedral_inverse(dihedral_batch(base["classes"][None], torch.tensor([v])), v)[0],
+                               base["classes"])
+            t = sample_targets(dihedral_np(inst, v), dihedral_np(typ, v), "cisca", mag)
+            back = undo_dihedral_maps({"directions": t["directions"][None], "types": t["types"][None, None]}, v)
+            assert torch.equal(back["directions"][0], base["directions"]), (mag, v)
+            assert torch.equal(back["types"][0, 0], base["types"])
+            h = torch.from_numpy(hover_targets(dihedral_np(inst, v), dihedral_np(typ, v)).hv)[None]
+            err = np.abs(undo_dihedral_maps({"hv": h}, v)["hv"][0].numpy() - hv).mean()
+            naive = np.abs(dihedral_inverse(h, v)[0].numpy() - hv).mean()  # un-rotated, channels left as they are
+            assert err < 0.05 and (v == 0 or err < 0.3 * naive), (mag, v, err, naive)
+
+
+def test_decoder_maps_tta_averages_back_in_the_tile_frame():
+    """A fake decoder that outputs the exact CISCA targets of the (transformed) instance map it is given:
+    every variant's maps, undone, agree, so the TTA average equals the plain prediction."""
+    from cellembed.evaluate._predict import decoder_maps
+
+    inst, typ, _ = _dihedral_cases()[0]
+
+    class Exact(torch.nn.Module):
+        head, image_skip = "cisca", True
+
+        def forward(self, feats, image):
+            outs = [sample_targets(m.numpy().astype(np.int32), (m.numpy() > 0).astype(np.uint8), "cisca", "20x")
+                    for m in image[:, 0]]
+            logits = lambda key, k: torch.stack([torch.nn.functional.one_hot(o[key].long(), k).permute(2, 0, 1)
+                                                 for o in outs]).float() * 10
+            return {"classes": logits("classes", 3), "directions": torch.stack([o["directions"] for o in outs]),
+                    "types": logits("types", 2)}
+
+    image = torch.from_numpy(inst.astype(np.float32))[None, None].repeat(1, 3, 1, 1)
+    batch = SimpleNamespace(feats=[torch.randn(1, 4, 8, 8)], image=image)
+    _, plain = decoder_maps(Exact(), batch, torch.device("cpu"))
+    _, avg = decoder_maps(Exact(), batch, torch.device("cpu"), tta=True)
+    assert plain.keys() == avg.keys() and all(np.allclose(plain[k], avg[k], atol=1e-5) for k in plain)
+    assert np.abs(plain["directions"]).max() > 0.5

@@ -128,6 +128,38 @@ def dihedral_targets(targets: dict[str, torch.Tensor], v: int) -> dict[str, torc
     return out
 
 
+def dihedral_inverse(x: torch.Tensor, v: int) -> torch.Tensor:
+    """Undo :func:`dihedral`: ``dihedral_inverse(dihedral(x, v), v) == x``."""
+    if v % 4:
+        x = torch.rot90(x, -(v % 4), dims=(-2, -1))
+    return x.flip(-1) if v >= 4 else x
+
+
+VECTOR_MAPS = {"directions": 4, "hv": 2}
+"""Regression maps whose channels are ramps along a direction (CISCA h, v, tl, bl; HoVer-Net x, y): a flip or
+quarter turn swaps channels and changes signs (``DIRECTION_MAP``; HoVer-Net's x, y behave as CISCA's h, v)."""
+
+
+def undo_dihedral_maps(maps: dict[str, torch.Tensor], v: int) -> dict[str, torch.Tensor]:
+    """Maps (N, k, T, T) predicted on variant ``v`` of the input, brought back to the input's frame.
+
+    Categorical and scalar maps are un-rotated; directional maps also get their channels and signs back:
+    the prediction's channel j estimates ``sign * dihedral(maps, v)[src]`` for ``(src, sign) =
+    DIRECTION_MAP[v][j]``, so ``maps[src] = sign * dihedral_inverse(prediction[j], v)``.
+    """
+    out = {}
+    for key, x in maps.items():
+        k = VECTOR_MAPS.get(key)
+        if k is None or x.shape[1] != k:
+            out[key] = dihedral_inverse(x, v)
+            continue
+        back = [None] * k
+        for j, (src, sign) in enumerate(DIRECTION_MAP[v][:k]):
+            back[src] = dihedral_inverse(x[:, j] if sign > 0 else -x[:, j], v)
+        out[key] = torch.stack(back, 1)
+    return out
+
+
 class TargetMemo:
     """Targets memoised per (sample row, variant) up to a byte budget; beyond it they are recomputed.
 

@@ -115,7 +115,7 @@ class UnetrDecoder(Decoder):
 
     def __init__(self, levels: list[dict], tile_size: int, head: str, num_classes: int, image_skip: bool = False,
                  refine: bool = True, full_channels: int | None = None, image_levels: int = 2,
-                 type_branch: bool = True):
+                 type_branch: bool = True, level_depth: int = 1):
         super().__init__(levels, tile_size, head, num_classes, image_skip)
         self.refine = bool(refine)
         self.full_channels = int(full_channels or (REFINE_CHANNELS if self.refine else FULL_CHANNELS))
@@ -124,6 +124,9 @@ class UnetrDecoder(Decoder):
         if int(image_levels) not in (2, 3):
             raise ValueError(f"image_levels must be 2 (full and 1/2 resolution) or 3 (also 1/4), got {image_levels}")
         self.image_levels = int(image_levels)
+        if int(level_depth) < 1:
+            raise ValueError(f"level_depth must be >= 1, got {level_depth}")
+        self.level_depth = int(level_depth)
         self.slots = assign_slots(self.levels, self.tile_size)
         base = math.ceil(self.tile_size / REDUCTIONS[-1])
         # Each level's grid doubles the one below it, so the transposed convs never need a resize.
@@ -135,8 +138,14 @@ class UnetrDecoder(Decoder):
         self.up = nn.ModuleList(nn.ConvTranspose2d(CHANNELS[j + 1], CHANNELS[j], 2, stride=2) for j in range(3))
         quarter = QUARTER_CHANNELS if half_image and self.image_levels == 3 else 0
         extra = (f if half_image else 0, quarter, 0)
-        self.fuse = nn.ModuleList(
-            _conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1) + extra[j], CHANNELS[j], norm) for j in range(3))
+        more = self.level_depth - 1
+        fuse = [_conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1) + extra[j], CHANNELS[j], norm) for j in range(3)]
+        if more:  # level_depth 1 keeps the original parameter names, so older runs load
+            fuse = [nn.Sequential(f, *(_conv3x3_relu(CHANNELS[j], CHANNELS[j], norm) for _ in range(more)))
+                    for j, f in enumerate(fuse)]
+        self.fuse = nn.ModuleList(fuse)
+        # the deepest level has no fuse conv of its own: with level_depth > 1 it gets level_depth - 1 blocks
+        self.bottom = nn.Sequential(*(_conv3x3_relu(CHANNELS[3], CHANNELS[3], norm) for _ in range(more)))
         self.up_full = nn.ConvTranspose2d(CHANNELS[0], f, 2, stride=2)
         self.image_conv = _conv3x3_relu(3, f, norm) if self.image_skip else None
         self.image_half = _conv3x3_relu(f, f, norm, stride=2) if half_image else None
@@ -157,9 +166,10 @@ class UnetrDecoder(Decoder):
         self.out = OutputConvs(f, tuple(m for m in self.maps if m.key != self.type_key))
 
     def config(self) -> dict:
-        """As ``Decoder.config``, plus ``refine``, ``full_channels``, ``image_levels`` and ``type_branch``."""
+        """As ``Decoder.config``, plus ``refine``, ``full_channels``, ``image_levels``, ``type_branch`` and
+        ``level_depth``."""
         return {**super().config(), "refine": self.refine, "full_channels": self.full_channels,
-                "image_levels": self.image_levels, "type_branch": self.type_branch}
+                "image_levels": self.image_levels, "type_branch": self.type_branch, "level_depth": self.level_depth}
 
     def _skips(self, feats: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Project and resize every cached level onto its decoder level; sum those sharing a level."""
@@ -179,7 +189,7 @@ class UnetrDecoder(Decoder):
                 skips[1] = q if skips[1] is None else torch.cat([skips[1], q], dim=1)
             half = _fit(half, self.grids[0])
             skips[0] = half if skips[0] is None else torch.cat([skips[0], half], dim=1)
-        x = skips[-1]
+        x = self.bottom(skips[-1])
         for j in (2, 1, 0):
             x = self.up[j](x)
             if skips[j] is not None:

@@ -91,15 +91,31 @@ def default_postprocess(head: str, manifest: dict, magnification: str) -> Postpr
 
 
 @torch.no_grad()
-def decoder_maps(model: torch.nn.Module, batch, device: torch.device) -> tuple[dict, dict[str, np.ndarray]]:
-    """Run the decoder on a batch: (raw outputs as float32 tensors, activated maps as (B, k, T, T) numpy)."""
+def decoder_maps(model: torch.nn.Module, batch, device: torch.device, tta: bool = False) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run the decoder on a batch: (raw outputs as float32 tensors, activated maps as (B, k, T, T) numpy).
+
+    ``tta``: test-time augmentation over the dihedral group: the decoder runs on the eight flips / quarter
+    turns of the cached levels and the image (the four without a quarter turn when a level's grid is not
+    square), each prediction's activated maps are brought back to the tile's frame (directional maps with
+    their channels and signs, ``undo_dihedral_maps``) and averaged. The raw outputs returned are the
+    identity variant's. Not part of the CISCA / Mind the Gap protocol (CISCA.md §3: no TTA); off by default.
+    """
+    from cellembed.cache._augment import allowed_variants, dihedral, undo_dihedral_maps
     from cellembed.decoders import activate
 
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        outputs = model(batch.feats, batch.image if model.image_skip else None)
-    outputs = {k: v.float() for k, v in outputs.items()}
-    maps = {k: v.cpu().numpy() for k, v in activate(model.head, outputs).items()}
-    return outputs, maps
+    image = batch.image if model.image_skip else None
+    variants = allowed_variants([tuple(f.shape[-2:]) for f in batch.feats]) if tta else [0]
+    raw, total = None, None
+    for v in variants:
+        feats = [dihedral(f, v) for f in batch.feats]
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            outputs = model(feats, None if image is None else dihedral(image, v))
+        outputs = {k: x.float() for k, x in outputs.items()}
+        raw = outputs if raw is None else raw
+        maps = undo_dihedral_maps(activate(model.head, outputs), v)
+        total = maps if total is None else {k: total[k] + x for k, x in maps.items()}
+    maps = {k: (x / len(variants)).cpu().numpy() for k, x in total.items()}
+    return raw, maps
 
 
 def batch_instances(maps: dict[str, np.ndarray], post: Postprocess) -> np.ndarray:

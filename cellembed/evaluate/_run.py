@@ -64,7 +64,7 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
     return Run(path, record, model, Postprocess(**record["postprocess"]))
 
 
-LEGACY_DECODER = {"refine": False, "image_levels": 2, "type_branch": False}
+LEGACY_DECODER = {"refine": False, "image_levels": 2, "type_branch": False, "level_depth": 1}
 """unetr options that runs recorded before each option existed used (their ``decoder`` record lacks the key):
 the narrow design, no 1/4-resolution image block, types from the shared full-resolution features."""
 
@@ -75,7 +75,8 @@ def decoder_options(dec: dict) -> dict:
         return {}
     dec = {**LEGACY_DECODER, **dec}
     return {"refine": bool(dec["refine"]), "image_levels": int(dec["image_levels"]),
-            "full_channels": dec.get("full_channels"), "type_branch": bool(dec["type_branch"])}
+            "full_channels": dec.get("full_channels"), "type_branch": bool(dec["type_branch"]),
+            "level_depth": int(dec["level_depth"])}
 
 
 def _device(name: str) -> torch.device:
@@ -119,7 +120,7 @@ class ScoreResult(NamedTuple):
 
 def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | None = None, *,
               device: str = "auto", batch_size: int = 16, num_workers: int = 2, n_overlays: int = 4,
-              on_progress: ProgressFn | None = None, overwrite: bool = False) -> ScoreResult:
+              on_progress: ProgressFn | None = None, overwrite: bool = False, tta: bool = False) -> ScoreResult:
     """Predict a test cache with a run's best decoder, post-process, score; write the results to ``out``.
 
     Writes ``predictions.npy`` ((N, T, T, 2) int32 instance and type maps, in cache order; ``keys.txt``
@@ -135,6 +136,7 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
         n_overlays: overlay PNGs of the first tiles with ground truth.
         on_progress: called with the number of tiles after every batch.
         overwrite: replace the scores of an earlier ``score`` in ``out`` (refused otherwise).
+        tta: average the maps over the dihedral group (``decoder_maps``); recorded in the protocol.
     """
     from cellembed.cache import open_cache
     from cellembed.metrics import image_counts, score_counts
@@ -163,7 +165,7 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
     overlays: dict[int, tuple] = {}
     done = 0
     for batch in loader:
-        _, maps = decoder_maps(run.model, batch, dev)
+        _, maps = decoder_maps(run.model, batch, dev, tta=tta)
         pred, true = batch_instances(maps, run.post), true_maps(batch)
         for j, key in enumerate(batch.keys):
             i = order[done + j]
@@ -188,7 +190,8 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
         "pq_conic": "mean over every image, empty images count 0 (CoNIC)",
         "mpq_plus": "TP/FP/FN/IoU pooled per class over the data set, PQ per class, mean over all classes (CoNIC)",
         "pannuke": "PanNuke-metrics: per image, NaN for absent classes, mean per tissue then over tissues",
-        "postprocess": run.post.to_dict(), "n_images": n}
+        "postprocess": run.post.to_dict(), "n_images": n,
+        "tta": "dihedral (8 variants, maps averaged)" if tta else "none"}
     write_json_atomic(out / "metrics.json", scores)
     (out / "table.md").write_text(table_markdown(scores))
     for i, (image, pred, true) in sorted(overlays.items()):
