@@ -16,17 +16,68 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SWAPS = ("decoder maps", "GT 3-class map", "GT directional maps", "GT both (oracle)")
+SWAPS = ("decoder maps", "GT foreground, predicted boundary / body", "predicted foreground, GT boundary / body",
+         "GT 3-class map", "GT directional maps", "GT both (oracle)")
+"""The 3-class map is split in two questions: which pixels are nucleus (foreground = boundary + body), and
+where, inside the foreground, one nucleus ends and the next begins (boundary vs body)."""
 
 
-def _predict(run_dir, cache_dir):
-    """(activated maps per batch, GT target maps per batch, true (N, T, T, 2), images) of a whole cache."""
+def _swap_classes(name: str, pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
+    """The (B, 3, T, T) class probabilities (boundary, body, background) of swap ``name``.
+
+    "GT foreground, predicted boundary / body": the ground-truth foreground, split between boundary and body in
+    the decoder's proportions. "predicted foreground, GT boundary / body": the decoder's foreground probability,
+    given to the ground-truth class (boundary or body) on true nucleus pixels; the decoder's maps elsewhere.
+    """
+    if name in ("GT 3-class map", "GT both (oracle)"):
+        return gt
+    if name == "GT foreground, predicted boundary / body":
+        fg = gt[:, :2].sum(1, keepdims=True)
+        split = pred[:, :2] / np.maximum(pred[:, :2].sum(1, keepdims=True), 1e-6)
+        return np.concatenate([split * fg, 1.0 - fg], 1).astype(np.float32)
+    if name == "predicted foreground, GT boundary / body":
+        fg = pred[:, :2].sum(1, keepdims=True)
+        swapped = np.concatenate([gt[:, :2] * fg, 1.0 - fg], 1)
+        return np.where(gt[:, :2].sum(1, keepdims=True) > 0, swapped, pred).astype(np.float32)
+    return pred
+
+
+def pixel_dice(run_dir, cache_dir, group_regex: str = r"(.+)_\d+$", training_tiles: bool = False) -> dict:
+    """Pixel Dice of the decoder's 3-class map on a cache: foreground (P(boundary) + P(body) >= 0.5, as the
+    post-processing reads it), body and boundary (argmax), overall and per source image (foreground)."""
+    import re
+
+    from cellembed.cache import open_cache
+    from cellembed.evaluate._run import _loader
+
+    run, batches = _predict(run_dir, cache_dir, training_tiles)
+    pred = np.concatenate([m["classes"] for m, _, _, _ in batches])
+    gt = np.concatenate([g["classes"] for _, g, _, _ in batches])
+    keys = [k for b in _loader(run, open_cache(cache_dir), torch.device("cpu"), 16, 0, "test", training_tiles)
+            for k in b.keys]
+    dice = lambda a, b: float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+    fg_p, fg_t = pred[:, :2].sum(1) >= 0.5, gt[:, :2].sum(1) > 0.5
+    out = {"foreground": dice(fg_p, fg_t), "body": dice(pred.argmax(1) == 1, gt.argmax(1) == 1),
+           "boundary": dice(pred.argmax(1) == 0, gt.argmax(1) == 0), "per_image": {}}
+    groups: dict[str, list[int]] = {}
+    for i, k in enumerate(keys):
+        m = re.match(group_regex, k)
+        groups.setdefault(m.group(1) if m else k, []).append(i)
+    for g, idx in sorted(groups.items()):
+        out["per_image"][g] = {"foreground": dice(fg_p[idx], fg_t[idx]),
+                               "predicted / true foreground pixels": float(fg_p[idx].sum() / max(fg_t[idx].sum(), 1))}
+    return out
+
+
+def _predict(run_dir, cache_dir, training_tiles: bool = False):
+    """(activated maps per batch, GT target maps per batch, true (N, T, T, 2), images) of a whole cache
+    (``training_tiles``: the run's own training cache is allowed)."""
     from cellembed.cache import open_cache
     from cellembed.evaluate._predict import decoder_maps, true_maps
     from cellembed.evaluate._run import _loader, load_run
 
     run = load_run(run_dir)
-    loader = _loader(run, open_cache(cache_dir), torch.device("cpu"), 16, 0, "test")
+    loader = _loader(run, open_cache(cache_dir), torch.device("cpu"), 16, 0, "test", training_tiles)
     out = []
     for batch in loader:
         _, maps = decoder_maps(run.model, batch, torch.device("cpu"))
@@ -68,8 +119,7 @@ def oracle_swaps(run_dir, cache_dir, preset: str | None = None) -> list[dict]:
         preds = []
         for maps, gt, _, _ in batches:
             m = dict(maps)
-            if name in ("GT 3-class map", "GT both (oracle)"):
-                m["classes"] = gt["classes"]
+            m["classes"] = _swap_classes(name, maps["classes"], gt["classes"])
             if name in ("GT directional maps", "GT both (oracle)"):
                 m["directions"] = gt["directions"]
             preds.append(batch_instances(m, post))
@@ -188,23 +238,12 @@ def postprocess_grid(run_dir, cache_dir, grid: dict = GRID) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    """``python benchmarks/_diagnose.py grid RUN VAL_CACHE TEST_CACHE [--name NAME]``: the post-processing grid of a
-    run on its validation and test caches, written to ``results/<NAME>.{json,md,png}``."""
-    import argparse
-
+def grid_report(args) -> None:
+    """``grid``: the post-processing grid of a run on its validation and test caches."""
     try:
         from benchmarks._common import machine, write_results
     except ImportError:
         from _common import machine, write_results
-
-    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    parser.add_argument("what", choices=["grid"])
-    parser.add_argument("run")
-    parser.add_argument("val_cache")
-    parser.add_argument("test_cache")
-    parser.add_argument("--name", default="postprocess_grid_consep_cpu")
-    args = parser.parse_args()
     from cellembed.evaluate._run import load_run
     from cellembed.postprocess import CISCA_PRESETS
 
@@ -232,8 +271,69 @@ def main() -> None:
         ax.set_ylabel("test PQ")
         ax.set_title("post-processing constants: validation vs test PQ")
 
-    write_results(args.name, {"machine": machine(), "run": args.run, "val": val, "test": test,
-                              "description": description}, table, plot)
+    write_results(args.name or "postprocess_grid_consep_cpu",
+                  {"machine": machine(), "run": args.run, "val": val, "test": test, "description": description},
+                  table, plot)
+
+
+def swaps_report(args) -> None:
+    """``swaps``: oracle swaps of a run's maps on the test cache, and pixel Dice of its 3-class map on the
+    training and test caches (foreground per source image too)."""
+    try:
+        from benchmarks._common import machine, write_results
+    except ImportError:
+        from _common import machine, write_results
+
+    rows = oracle_swaps(args.run, args.test_cache)
+    dice = {"test": pixel_dice(args.run, args.test_cache)}
+    if args.train_cache:
+        dice["train"] = pixel_dice(args.run, args.train_cache, training_tiles=True)
+    table = [{"maps": r["maps"], "PQ": f"{r['pq']:.3f}", "DQ": f"{r['dq']:.3f}", "SQ": f"{r['sq']:.3f}",
+              "precision": f"{r['precision']:.3f}", "recall": f"{r['recall']:.3f}",
+              "pred / true nuclei": f"{r['pred_instances']} / {r['true_instances']}",
+              "split / merged": f"{r['split_true']} / {r['merged_pred']}"} for r in rows]
+    table += [{"maps": f"pixel Dice, {split}", "PQ": "", "DQ": "", "SQ": "",
+               "precision": f"foreground {d['foreground']:.3f}", "recall": f"body {d['body']:.3f}",
+               "pred / true nuclei": f"boundary {d['boundary']:.3f}",
+               "split / merged": ", ".join(f"{g}: {v['foreground']:.2f}" for g, v in d["per_image"].items())
+               if split == "test" else ""} for split, d in dice.items()]
+    description = (f"Run `{args.run}` on the test cache `{args.test_cache}`: the decoder's maps post-processed as "
+                   "they are, then with parts of the 3-class map or the directional maps replaced by the ground "
+                   "truth's (foreground = boundary + body; boundary / body = where, inside the foreground, one "
+                   "nucleus ends). The gap a swap closes is what that part of the maps costs. Last rows: pixel Dice "
+                   "of the 3-class map (foreground as the post-processing reads it, P(boundary) + P(body) >= 0.5; "
+                   "body and boundary by argmax) on the training and test tiles, and the test foreground Dice per "
+                   "source image.")
+
+    def plot(ax):
+        ax.barh([r["maps"] for r in rows][::-1], [r["pq"] for r in rows][::-1])
+        ax.set_xlabel("test PQ")
+        ax.set_title("which maps cost the PQ")
+
+    write_results(args.name or "swaps_consep_cpu", {"machine": machine(), "run": args.run, "swaps": rows,
+                                                    "pixel_dice": dice, "description": description}, table, plot)
+
+
+def main() -> None:
+    """``python benchmarks/_diagnose.py grid RUN VAL_CACHE TEST_CACHE [--name NAME]``: the post-processing grid;
+    ``python benchmarks/_diagnose.py swaps RUN TEST_CACHE [--train-cache TRAIN] [--name NAME]``: oracle swaps and
+    pixel Dice. Both write ``results/<NAME>.{json,md,png}``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    g = sub.add_parser("grid", help="CISCA post-processing constants over a run's own maps")
+    g.add_argument("run")
+    g.add_argument("val_cache")
+    g.add_argument("test_cache")
+    g.add_argument("--name", default=None)
+    w = sub.add_parser("swaps", help="oracle swaps of a run's maps and pixel Dice of its 3-class map")
+    w.add_argument("run")
+    w.add_argument("test_cache")
+    w.add_argument("--train-cache", default=None, help="the run's training cache: pixel Dice on training tiles too")
+    w.add_argument("--name", default=None)
+    args = parser.parse_args()
+    (grid_report if args.what == "grid" else swaps_report)(args)
 
 
 if __name__ == "__main__":

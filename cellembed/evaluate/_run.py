@@ -85,10 +85,14 @@ def _device(name: str) -> torch.device:
     return pick(name)
 
 
-def _loader(run: Run, cache, device, batch_size: int, num_workers: int, role: str):
+def _loader(run: Run, cache, device, batch_size: int, num_workers: int, role: str, training_tiles: bool = False):
+    """The run's evaluation loader on ``cache``; ``training_tiles`` lets diagnostics read the run's own training
+    cache (refused otherwise: scores on training tiles are not test scores)."""
     from cellembed.cache import make_loader
     from cellembed.train._fit import check_run_cache
 
+    if training_tiles:
+        run = run._replace(record={**run.record, "source": "diagnostic"})
     check_run_cache(cache, run.record, role)
     return make_loader(cache, batch_size=batch_size, memory="stream", augment="none", head=run.post.head,
                        magnification=run.record["config"]["magnification"], shuffle=False,
