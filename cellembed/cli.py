@@ -216,6 +216,9 @@ def fit_decoder(
                                              "better and costs more per step (README, accuracy)."),
     level_depth: int = typer.Option(1, min=1, help="unetr: 3×3 conv blocks per decoder level at reductions 2 to "
                                     "16 (the deepest level gets level_depth - 1 of its own)."),
+    split_trunks: bool = typer.Option(False, "--split-trunks/--shared-trunk", help="unetr --refine: each "
+                                      "full-resolution map (3-class, directional) gets its own refinement stack, "
+                                      "as CISCA's separate heads (default: one shared stack)."),
     type_branch: bool = typer.Option(True, "--type-branch/--no-type-branch", help="unetr: predict the type map "
                                      "from its own half-resolution branch (default); --no-type-branch: from the "
                                      "shared full-resolution features, as before (the demo's type head collapsed "

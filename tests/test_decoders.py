@@ -224,6 +224,23 @@ def test_level_depth_adds_conv_blocks_per_level():
         build_decoder("unetr", levels, T, "cisca", 5, level_depth=0)
 
 
+def test_split_trunks_give_each_full_resolution_map_its_own_stack():
+    levels = hier_levels(4)
+    dec = build_decoder("unetr", levels, T, "cisca", 5, image_skip=True, split_trunks=True)
+    assert dec.config()["split_trunks"] is True and dec.full is None
+    assert sorted(dec.trunks) == ["classes", "directions"]  # types come from the half-resolution branch
+    out = dec(feats_for(levels), image_for())
+    assert {k: tuple(v.shape) for k, v in out.items()} == {
+        "classes": (2, 3, T, T), "directions": (2, 4, T, T), "types": (2, 6, T, T)}
+    out["classes"].square().mean().backward()  # the 3-class loss trains its own stack only
+    assert all(p.grad is not None for p in dec.trunks["classes"].parameters())
+    assert all(p.grad is None for p in dec.trunks["directions"].parameters())
+    again = build_decoder(**dec.config())
+    assert again.load_state_dict(dec.state_dict()) and again.split_trunks
+    narrow = build_decoder("unetr", levels, T, "cisca", 5, refine=False, split_trunks=True)
+    assert narrow.split_trunks is False  # the narrow design has no refinement stack to split
+
+
 @pytest.mark.parametrize("head, key", [("cisca", "types"), ("hovernet", "nc")])
 def test_type_branch_predicts_types_at_half_resolution(head, key):
     levels = hier_levels(4)

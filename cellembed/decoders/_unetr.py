@@ -115,7 +115,7 @@ class UnetrDecoder(Decoder):
 
     def __init__(self, levels: list[dict], tile_size: int, head: str, num_classes: int, image_skip: bool = False,
                  refine: bool = True, full_channels: int | None = None, image_levels: int = 2,
-                 type_branch: bool = True, level_depth: int = 1):
+                 type_branch: bool = True, level_depth: int = 1, split_trunks: bool = False):
         super().__init__(levels, tile_size, head, num_classes, image_skip)
         self.refine = bool(refine)
         self.full_channels = int(full_channels or (REFINE_CHANNELS if self.refine else FULL_CHANNELS))
@@ -152,8 +152,13 @@ class UnetrDecoder(Decoder):
         self.image_quarter = (nn.Sequential(_conv3x3_relu(f, quarter, True, stride=2),
                                             _conv3x3_relu(quarter, quarter, True)) if quarter else None)
         full_in = f * (2 if self.image_skip else 1)
-        if self.refine:
-            self.full = nn.Sequential(*(_conv3x3_relu(full_in if i == 0 else f, f, True) for i in range(REFINE_DEPTH)))
+        refine_stack = lambda: nn.Sequential(*(_conv3x3_relu(full_in if i == 0 else f, f, True)
+                                                 for i in range(REFINE_DEPTH)))
+        self.split_trunks = bool(split_trunks) and self.refine
+        if self.split_trunks:
+            self.full = None  # one refinement stack per full-resolution map, CISCA-style separate heads
+        elif self.refine:
+            self.full = refine_stack()
         else:
             self.full = _conv3x3_relu(full_in, f)
         # the categorical map read per instance (cisca "types", hovernet "nc") from its own half-resolution branch
@@ -163,13 +168,19 @@ class UnetrDecoder(Decoder):
         if typed:
             self.types = nn.Sequential(_conv3x3_relu(CHANNELS[0], CHANNELS[0], True),
                                        nn.Conv2d(CHANNELS[0], typed[0].channels, 1))
-        self.out = OutputConvs(f, tuple(m for m in self.maps if m.key != self.type_key))
+        full_maps = tuple(m for m in self.maps if m.key != self.type_key)
+        if self.split_trunks:
+            self.trunks = nn.ModuleDict({m.key: refine_stack() for m in full_maps})
+            self.outs = nn.ModuleDict({m.key: OutputConvs(f, (m,)) for m in full_maps})
+        else:
+            self.out = OutputConvs(f, full_maps)
 
     def config(self) -> dict:
         """As ``Decoder.config``, plus ``refine``, ``full_channels``, ``image_levels``, ``type_branch`` and
         ``level_depth``."""
         return {**super().config(), "refine": self.refine, "full_channels": self.full_channels,
-                "image_levels": self.image_levels, "type_branch": self.type_branch, "level_depth": self.level_depth}
+                "image_levels": self.image_levels, "type_branch": self.type_branch, "level_depth": self.level_depth,
+                "split_trunks": self.split_trunks}
 
     def _skips(self, feats: list[torch.Tensor]) -> list[torch.Tensor | None]:
         """Project and resize every cached level onto its decoder level; sum those sharing a level."""
@@ -199,7 +210,10 @@ class UnetrDecoder(Decoder):
         x = _fit(self.up_full(x), (self.tile_size, self.tile_size))
         if img is not None:
             x = torch.cat([x, img], dim=1)
-        out = self.out(self.full(x))
+        if self.split_trunks:
+            out = {k: v for key, trunk in self.trunks.items() for k, v in self.outs[key](trunk(x)).items()}
+        else:
+            out = self.out(self.full(x))
         if types is not None:
             out = {m.key: types if m.key == self.type_key else out[m.key] for m in self.maps}
         return out

@@ -64,7 +64,8 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
     return Run(path, record, model, Postprocess(**record["postprocess"]))
 
 
-LEGACY_DECODER = {"refine": False, "image_levels": 2, "type_branch": False, "level_depth": 1}
+LEGACY_DECODER = {"refine": False, "image_levels": 2, "type_branch": False, "level_depth": 1,
+                  "split_trunks": False}
 """unetr options that runs recorded before each option existed used (their ``decoder`` record lacks the key):
 the narrow design, no 1/4-resolution image block, types from the shared full-resolution features."""
 
@@ -76,7 +77,7 @@ def decoder_options(dec: dict) -> dict:
     dec = {**LEGACY_DECODER, **dec}
     return {"refine": bool(dec["refine"]), "image_levels": int(dec["image_levels"]),
             "full_channels": dec.get("full_channels"), "type_branch": bool(dec["type_branch"]),
-            "level_depth": int(dec["level_depth"])}
+            "level_depth": int(dec["level_depth"]), "split_trunks": bool(dec["split_trunks"])}
 
 
 def _device(name: str) -> torch.device:

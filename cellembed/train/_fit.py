@@ -79,6 +79,7 @@ class FitConfig:
     image_levels: int = 2
     full_channels: int | None = None
     level_depth: int = 1
+    split_trunks: bool = False
     type_branch: bool = True
     tune: bool = True
     patience: int | None = None
@@ -207,11 +208,11 @@ def _image_skip(config: FitConfig) -> bool:
 
 def _decoder_options(config: FitConfig) -> dict:
     """Decoder-specific build options of the config (unetr: ``refine``, ``image_levels``, ``full_channels``,
-    ``type_branch``, ``level_depth``)."""
+    ``type_branch``, ``level_depth``, ``split_trunks``)."""
     if config.decoder != "unetr":
         return {}
     return {"refine": config.refine, "image_levels": config.image_levels, "full_channels": config.full_channels,
-            "type_branch": config.type_branch, "level_depth": config.level_depth}
+            "type_branch": config.type_branch, "level_depth": config.level_depth, "split_trunks": config.split_trunks}
 
 
 def _check_config(c: FitConfig) -> None:
@@ -353,7 +354,7 @@ def _record(config: FitConfig, source: dict, n_params: int, post: Postprocess, n
             "postprocess": post.to_dict()}
 
 
-LEGACY_CONFIG = {"full_channels": None, "type_branch": False, "level_depth": 1}
+LEGACY_CONFIG = {"full_channels": None, "type_branch": False, "level_depth": 1, "split_trunks": False}
 """Fit options that runs recorded before each option existed used (their config.json lacks the key), so a run
 interrupted before the upgrade resumes when the option is given its old value, e.g. ``--no-type-branch``."""
 
