@@ -86,6 +86,19 @@ def _decoder_width(factor: int):
         unetr.CHANNELS = channels
 
 
+TYPE_BRANCH = "types from a half-resolution branch (--type-branch)"
+AFTER_TYPE_BRANCH = ("two 3×3 blocks per decoder level (--level-depth 2)",
+                     "separate full-resolution stacks per map (--split-trunks)",
+                     "all seven stage ends cached (blocks 0,2,4,7,10,14,15)",
+                     "live encoder + full image-space augmentation")
+"""Candidates tried once the type branch was the default: their baseline is the type-branch runs."""
+
+
+def baseline(name: str) -> str:
+    """The candidate whose runs ``name`` is compared with (the defaults of the day it was tried)."""
+    return TYPE_BRANCH if name in AFTER_TYPE_BRANCH else "defaults"
+
+
 CANDIDATES = {  # name: (fit options, extraction options, context manager factory or None)
     "defaults": ({}, {}, None),
     "encoder input x2 (512 px)": ({}, {"scale": 2}, lambda: _input_scale(2)),
@@ -95,13 +108,19 @@ CANDIDATES = {  # name: (fit options, extraction options, context manager factor
     "decoder x2 wide + full width 32": ({"full_channels": 32}, {}, lambda: _decoder_width(2)),
     "random encoder weights (control)": ({}, {"weights": "random"}, None),
     "types from a half-resolution branch (--type-branch)": ({"type_branch": True}, {}, None),
+    # on top of the defaults with the type branch (its default since then): compared with that candidate's seeds
+    "two 3×3 blocks per decoder level (--level-depth 2)": ({"level_depth": 2}, {}, None),
+    "separate full-resolution stacks per map (--split-trunks)": ({"split_trunks": True}, {}, None),
+    "all seven stage ends cached (blocks 0,2,4,7,10,14,15)": ({}, {"blocks": "0,2,4,7,10,14,15"}, None),
+    "live encoder + full image-space augmentation": ({"source": "live", "augment": "full"}, {}, None),
 }
 
 
-def caches(root: Path, tmp: Path, weights: str = "packaged", scale: int = 1) -> dict:
+def caches(root: Path, tmp: Path, weights: str = "packaged", scale: int = 1, blocks: str = "default") -> dict:
     """Train / val / test caches as ``quality_consep.py`` extracts them (resumed when already there)."""
+    folder = tmp / (f"x{scale}" if blocks == "default" else f"x{scale}-blocks-{blocks.replace(',', '-')}")
     with _input_scale(scale) if scale != 1 else contextlib.nullcontext():
-        return extract_splits(root, weights, tmp / f"x{scale}", workers=2)[0]
+        return extract_splits(root, weights, folder, workers=2, blocks=blocks)[0]
 
 
 class _Stop(Exception):
@@ -115,8 +134,19 @@ def run_candidate(name: str, root: Path, tmp: Path, seed: int, stop_after: int |
     fit_options, extract_options, hook = CANDIDATES[name]
     c = caches(root, tmp, **extract_options)
     run = tmp / f"run-{len(name)}-{abs(hash(name)) % 10 ** 6}-{seed}"
-    config = FitConfig(out=str(run), cache=c["train"], val_cache=c["val"], seed=seed, device="cpu", num_workers=1,
-                       memory="ram", overwrite=True, **fit_options)
+    if fit_options.get("source") == "live":  # the encoder in the loop on the same training tiles
+        try:
+            from benchmarks.quality_consep import ENCODER as enc, GROUPS
+        except ImportError:
+            from quality_consep import ENCODER as enc, GROUPS
+        fit_options = {**fit_options, "dataset": "folder", "root": str(root), "split": "train", "encoder": enc,
+                       "weights": extract_options.get("weights", "packaged"),
+                       "dataset_options": {"group_regex": GROUPS}}
+        config = FitConfig(out=str(run), val_cache=c["val"], seed=seed, device="cpu", num_workers=1, overwrite=True,
+                           **fit_options)
+    else:
+        config = FitConfig(out=str(run), cache=c["train"], val_cache=c["val"], seed=seed, device="cpu",
+                           num_workers=1, memory="ram", overwrite=True, **fit_options)
     history: list[dict] = []
 
     def on_epoch(e: int, n: int, m: dict) -> None:
@@ -163,9 +193,11 @@ def _at(history: list[dict], epoch: int, key: str) -> float | None:
 
 
 def render(rows: list[dict]) -> None:
-    base = [r for r in rows if r["candidate"] == "defaults"]
     table = []
     for r in rows:
+        base = [b for b in rows if b["candidate"] == baseline(r["candidate"]) and b is not r]
+        if r["candidate"] == baseline(r["candidate"]):
+            base = [b for b in rows if b["candidate"] == r["candidate"]]
         last = r["history"][-1]["epoch"] if r["history"] else 0
         ref_loss = [_at(b["history"], last, "train_loss") for b in base]
         ref_pq = [_at(b["history"], last, "val_pq") for b in base]
@@ -188,7 +220,9 @@ def render(rows: list[dict]) -> None:
         f"{ENCODER}, cached features, 20-epoch OneCycle schedule, best epoch by validation PQ, minimum area "
         "tuned on validation, test split). 'epochs run' < 20: the candidate was stopped there (screening); its "
         "train loss and validation PQ compare with the defaults' runs at the same epoch of the same schedule "
-        "(in brackets, one value per seed of the defaults). Seconds per epoch depend on the threads and on "
+        "(in brackets, one value per seed of the defaults). Candidates tried after the type branch became the "
+        f"default ({', '.join(AFTER_TYPE_BRANCH)}) compare with the type-branch runs instead (its seeds 1 and 2 "
+        "are quality_consep.py's). A live run's train loss is measured on augmented tiles. Seconds per epoch depend on the threads and on "
         "what else ran on the 2 cores (candidates were screened two at a time with 1 thread each), so compare "
         "the decoder step in cache_vs_live.py instead.")
 

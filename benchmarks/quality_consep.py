@@ -59,8 +59,9 @@ VARIANTS = {  # name: (weights, source, augment)
 }
 
 
-def extract_splits(root: Path, weights: str, tmp: Path, workers: int) -> tuple[dict, float]:
-    """Train / val / test caches of one encoder weighting; returns their paths and the train + val seconds."""
+def extract_splits(root: Path, weights: str, tmp: Path, workers: int, blocks: str = "default") -> tuple[dict, float]:
+    """Train / val / test caches of one encoder weighting (and block selection); returns their paths and the
+    train + val seconds."""
     from cellembed.cache import ExtractConfig, extract
 
     paths, seconds = {}, 0.0
@@ -68,7 +69,7 @@ def extract_splits(root: Path, weights: str, tmp: Path, workers: int) -> tuple[d
         out = tmp / f"{weights}-{split}"
         res = extract(ExtractConfig(dataset="folder", root=str(root), out=str(out), encoder=ENCODER, weights=weights,
                                     split=split, scheme="cisca", device="cpu", num_workers=workers, batch_size=32,
-                                    shard_size=64, dataset_options={"group_regex": GROUPS}))
+                                    shard_size=64, dataset_options={"group_regex": GROUPS}, blocks=blocks))
         paths[split] = str(out)
         if split != "test":
             seconds += res.seconds
