@@ -276,13 +276,49 @@ def grid_report(args) -> None:
                   table, plot)
 
 
+def foreground_errors(run_dir, cache_dir, path: Path, n: int = 4) -> Path:
+    """Draw the test tiles at the worst, quartiles and best foreground Dice: image, foreground errors
+    (white: both, red: predicted only, blue: missed), P(body)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, batches = _predict(run_dir, cache_dir)
+    pred = np.concatenate([m["classes"] for m, _, _, _ in batches])
+    gt = np.concatenate([g["classes"] for _, g, _, _ in batches])
+    images = np.concatenate([b[3] for b in batches])
+    fg_p, fg_t = pred[:, :2].sum(1) >= 0.5, gt[:, :2].sum(1) > 0.5
+    has = np.flatnonzero(fg_t.any((1, 2)))
+    dice = 2 * (fg_p & fg_t).sum((1, 2)) / np.maximum(fg_p.sum((1, 2)) + fg_t.sum((1, 2)), 1)
+    order = has[np.argsort(dice[has])]
+    picks = [order[round(q * (len(order) - 1))] for q in np.linspace(0, 1, n)]
+    fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n))
+    for row, i in zip(axes, picks):
+        err = np.zeros(fg_p[i].shape + (3,))
+        err[fg_p[i] & fg_t[i]] = 1
+        err[fg_p[i] & ~fg_t[i]] = (1, 0, 0)
+        err[~fg_p[i] & fg_t[i]] = (0, 0.6, 1)
+        image = images[i] if images[i].dtype == np.uint8 else np.clip(images[i], 0, 1)
+        for ax, img, title in zip(row, (image, err, pred[i, 1]),
+                                  (f"tile {i}: foreground Dice {dice[i]:.2f}", "white both, red predicted only, "
+                                   "blue missed", "P(body) predicted")):
+            ax.imshow(img, vmin=0, vmax=1) if img.ndim == 2 else ax.imshow(img)
+            ax.set_title(title, fontsize=8)
+            ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=70)
+    plt.close(fig)
+    return path
+
+
 def swaps_report(args) -> None:
     """``swaps``: oracle swaps of a run's maps on the test cache, and pixel Dice of its 3-class map on the
     training and test caches (foreground per source image too)."""
     try:
-        from benchmarks._common import machine, write_results
+        from benchmarks._common import RESULTS, machine, write_results
     except ImportError:
-        from _common import machine, write_results
+        from _common import RESULTS, machine, write_results
 
     rows = oracle_swaps(args.run, args.test_cache)
     dice = {"test": pixel_dice(args.run, args.test_cache)}
@@ -310,8 +346,11 @@ def swaps_report(args) -> None:
         ax.set_xlabel("test PQ")
         ax.set_title("which maps cost the PQ")
 
-    write_results(args.name or "swaps_consep_cpu", {"machine": machine(), "run": args.run, "swaps": rows,
-                                                    "pixel_dice": dice, "description": description}, table, plot)
+    name = args.name or "swaps_consep_cpu"
+    write_results(name, {"machine": machine(), "run": args.run, "swaps": rows, "pixel_dice": dice,
+                         "description": description + f" `{name}_foreground.png`: test tiles from the worst to "
+                         "the best foreground Dice, errors in colour."}, table, plot)
+    foreground_errors(args.run, args.test_cache, RESULTS / f"{name}_foreground.png")
 
 
 def main() -> None:
