@@ -229,5 +229,11 @@ def _shuffle_split(strata: np.ndarray, n_splits: int, train_size: float, test_si
         info["fallback"] = "every unit on the first side"
         reason = str(err)
         first, second = np.arange(n), np.arange(0)
-    log.warning("cisca split over %d unit(s): %s (%s)", n, info["fallback"], reason)
+    message = f"cisca split over {n} unit(s): {info['fallback']} ({reason})"
+    if message not in _WARNED:  # once per process: extracting train, val and test splits the same way would repeat it
+        _WARNED.add(message)
+        log.warning(message)
     return first, second, info
+
+
+_WARNED: set[str] = set()
