@@ -173,6 +173,8 @@ def main() -> None:
     parser.add_argument("--collect", default=None, help="report the finished runs of an interrupted invocation's "
                                                         "--keep folder (or the cellembed-consep-* temporary folder "
                                                         "of a killed one) without training")
+    parser.add_argument("--collect-note", default="", help="with --collect: how the collected runs were trained "
+                                                           "(threads, what shared the cores), for the description")
     args = parser.parse_args()
     root = REALDATA / "consep_tiles256"
     if not (root / "labels.npz").is_file():
@@ -261,8 +263,9 @@ def report(rows: list[dict], args, t0: float) -> None:
         "in the loop with CISCA's full image-space augmentation. Each cell: mean ± sd over the seeds run (the seed "
         f"sets decoder init and batch order). Wall times on this CPU ({torch.get_num_threads()} torch threads, "
         f"{args.workers} workers)."
-        + (" Collected with `--collect` from an interrupted invocation: only its finished runs, 'fit s' counts "
-           "their training epochs only, and the PQ at the preset's minimum area was not kept."
+        + (" Collected with `--collect` from a folder of finished runs (an interrupted invocation's, or runs "
+           "trained with this protocol outside it): 'fit s' counts their training epochs only, and the PQ at the "
+           "preset's minimum area was not kept. " + args.collect_note
            if any("collected" in r for r in rows) else ""))
     payload = {"machine": machine(), "args": vars(args), "rows": rows, "seconds": time.perf_counter() - t0,
                "description": description}
