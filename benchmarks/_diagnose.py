@@ -47,14 +47,10 @@ def pixel_dice(run_dir, cache_dir, group_regex: str = r"(.+)_\d+$", training_til
     post-processing reads it), body and boundary (argmax), overall and per source image (foreground)."""
     import re
 
-    from cellembed.cache import open_cache
-    from cellembed.evaluate._run import _loader
-
-    run, batches = _predict(run_dir, cache_dir, training_tiles)
-    pred = np.concatenate([m["classes"] for m, _, _, _ in batches])
-    gt = np.concatenate([g["classes"] for _, g, _, _ in batches])
-    keys = [k for b in _loader(run, open_cache(cache_dir), torch.device("cpu"), 16, 0, "test", training_tiles)
-            for k in b.keys]
+    _, batches = _predict(run_dir, cache_dir, training_tiles)
+    pred = np.concatenate([b[0]["classes"] for b in batches])
+    gt = np.concatenate([b[1]["classes"] for b in batches])
+    keys = [k for b in batches for k in b[4]]
     dice = lambda a, b: float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
     fg_p, fg_t = pred[:, :2].sum(1) >= 0.5, gt[:, :2].sum(1) > 0.5
     out = {"foreground": dice(fg_p, fg_t), "body": dice(pred.argmax(1) == 1, gt.argmax(1) == 1),
@@ -70,7 +66,7 @@ def pixel_dice(run_dir, cache_dir, group_regex: str = r"(.+)_\d+$", training_til
 
 
 def _predict(run_dir, cache_dir, training_tiles: bool = False):
-    """(activated maps per batch, GT target maps per batch, true (N, T, T, 2), images) of a whole cache
+    """(activated maps, GT target maps, true (N, T, T, 2), images, tile keys) per batch of a whole cache
     (``training_tiles``: the run's own training cache is allowed)."""
     from cellembed.cache import open_cache
     from cellembed.evaluate._predict import decoder_maps, true_maps
@@ -84,7 +80,7 @@ def _predict(run_dir, cache_dir, training_tiles: bool = False):
         t = batch.targets
         gt = {"classes": torch.nn.functional.one_hot(t["classes"].long(), 3).permute(0, 3, 1, 2).float().numpy(),
               "directions": t["directions"].numpy()}
-        out.append((maps, gt, true_maps(batch), batch.image.permute(0, 2, 3, 1).numpy()))
+        out.append((maps, gt, true_maps(batch), batch.image.permute(0, 2, 3, 1).numpy(), list(batch.keys)))
     return run, out
 
 
@@ -117,7 +113,7 @@ def oracle_swaps(run_dir, cache_dir, preset: str | None = None) -> list[dict]:
     rows = []
     for name in SWAPS:
         preds = []
-        for maps, gt, _, _ in batches:
+        for maps, gt, *_ in batches:
             m = dict(maps)
             m["classes"] = _swap_classes(name, maps["classes"], gt["classes"])
             if name in ("GT directional maps", "GT both (oracle)"):
@@ -228,7 +224,7 @@ def postprocess_grid(run_dir, cache_dir, grid: dict = GRID) -> list[dict]:
     for combo in combos:
         params = replace(CISCA_PRESETS[combo["preset"]], **{k: v for k, v in combo.items() if k != "preset"})
         counts = []
-        for maps, _, true, _ in batches:
+        for maps, _, true, *_ in batches:
             for i in range(len(true)):
                 typed = maps["types"][i] if "types" in maps else None
                 inst, types = cisca_instances(maps["classes"][i], maps["directions"][i], typed, params)
@@ -285,8 +281,8 @@ def foreground_errors(run_dir, cache_dir, path: Path, n: int = 4) -> Path:
     import matplotlib.pyplot as plt
 
     _, batches = _predict(run_dir, cache_dir)
-    pred = np.concatenate([m["classes"] for m, _, _, _ in batches])
-    gt = np.concatenate([g["classes"] for _, g, _, _ in batches])
+    pred = np.concatenate([b[0]["classes"] for b in batches])
+    gt = np.concatenate([b[1]["classes"] for b in batches])
     images = np.concatenate([b[3] for b in batches])
     fg_p, fg_t = pred[:, :2].sum(1) >= 0.5, gt[:, :2].sum(1) > 0.5
     has = np.flatnonzero(fg_t.any((1, 2)))

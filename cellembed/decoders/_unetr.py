@@ -141,8 +141,8 @@ class UnetrDecoder(Decoder):
         more = self.level_depth - 1
         fuse = [_conv3x3_relu(CHANNELS[j] * (2 if j in fed else 1) + extra[j], CHANNELS[j], norm) for j in range(3)]
         if more:  # level_depth 1 keeps the original parameter names, so older runs load
-            fuse = [nn.Sequential(f, *(_conv3x3_relu(CHANNELS[j], CHANNELS[j], norm) for _ in range(more)))
-                    for j, f in enumerate(fuse)]
+            fuse = [nn.Sequential(first, *(_conv3x3_relu(CHANNELS[j], CHANNELS[j], norm) for _ in range(more)))
+                    for j, first in enumerate(fuse)]
         self.fuse = nn.ModuleList(fuse)
         # the deepest level has no fuse conv of its own: with level_depth > 1 it gets level_depth - 1 blocks
         self.bottom = nn.Sequential(*(_conv3x3_relu(CHANNELS[3], CHANNELS[3], norm) for _ in range(more)))
@@ -176,8 +176,8 @@ class UnetrDecoder(Decoder):
             self.out = OutputConvs(f, full_maps)
 
     def config(self) -> dict:
-        """As ``Decoder.config``, plus ``refine``, ``full_channels``, ``image_levels``, ``type_branch`` and
-        ``level_depth``."""
+        """As ``Decoder.config``, plus ``refine``, ``full_channels``, ``image_levels``, ``type_branch``,
+        ``level_depth`` and ``split_trunks``."""
         return {**super().config(), "refine": self.refine, "full_channels": self.full_channels,
                 "image_levels": self.image_levels, "type_branch": self.type_branch, "level_depth": self.level_depth,
                 "split_trunks": self.split_trunks}

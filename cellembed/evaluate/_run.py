@@ -64,6 +64,8 @@ def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
     return Run(path, record, model, Postprocess(**record["postprocess"]))
 
 
+UNETR_OPTIONS = ("refine", "image_levels", "full_channels", "type_branch", "level_depth", "split_trunks")
+"""The unetr build options a run records (from its FitConfig fields of the same names) and load_run rebuilds."""
 LEGACY_DECODER = {"refine": False, "image_levels": 2, "type_branch": False, "level_depth": 1,
                   "split_trunks": False}
 """unetr options that runs recorded before each option existed used (their ``decoder`` record lacks the key):
@@ -75,9 +77,7 @@ def decoder_options(dec: dict) -> dict:
     if dec["name"] != "unetr":
         return {}
     dec = {**LEGACY_DECODER, **dec}
-    return {"refine": bool(dec["refine"]), "image_levels": int(dec["image_levels"]),
-            "full_channels": dec.get("full_channels"), "type_branch": bool(dec["type_branch"]),
-            "level_depth": int(dec["level_depth"]), "split_trunks": bool(dec["split_trunks"])}
+    return {k: dec.get(k) for k in UNETR_OPTIONS}  # full_channels absent: the design's default width
 
 
 def _device(name: str) -> torch.device:

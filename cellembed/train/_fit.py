@@ -209,10 +209,11 @@ def _image_skip(config: FitConfig) -> bool:
 def _decoder_options(config: FitConfig) -> dict:
     """Decoder-specific build options of the config (unetr: ``refine``, ``image_levels``, ``full_channels``,
     ``type_branch``, ``level_depth``, ``split_trunks``)."""
+    from cellembed.evaluate._run import UNETR_OPTIONS
+
     if config.decoder != "unetr":
         return {}
-    return {"refine": config.refine, "image_levels": config.image_levels, "full_channels": config.full_channels,
-            "type_branch": config.type_branch, "level_depth": config.level_depth, "split_trunks": config.split_trunks}
+    return {k: getattr(config, k) for k in UNETR_OPTIONS}
 
 
 def _check_config(c: FitConfig) -> None:
