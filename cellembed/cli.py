@@ -121,6 +121,11 @@ def extract(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),
     shard_size: int = typer.Option(256, min=1, help="Tiles per shard."),
+    augment_views: int = typer.Option(0, min=0, help="Training caches: store K augmented copies of every tile "
+                                      "(CISCA's stain, blur, colour, elastic steps; encoded once); fit-decoder "
+                                      "then serves one of the K + 1 views per tile per epoch, so an epoch costs "
+                                      "the same and the run sees image-space augmentation a cache cannot apply "
+                                      "to features. K + 1 times the extraction time and disk."),
     option: list[str] = typer.Option([], "--option", "-o", help="Dataset option KEY=VALUE, repeatable "
                                      "(synthetic: n_tiles, seed, size; cytodark0: magnification, size; folder: "
                                      "group_regex, e.g. '(.+)_\\d+$' to group tiles by source image)."),

@@ -51,6 +51,7 @@ class ExtractConfig:
     rank: int | None = None
     world_size: int | None = None
     dataset_options: dict = field(default_factory=dict)
+    augment_views: int = 0
 
 
 class ExtractResult(NamedTuple):
@@ -111,20 +112,24 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     tile_size = _tile_size(source, selection.indices[0])
     encoder = build_encoder(config.encoder, blocks=config.blocks, weights=config.weights,
                             input_policy=config.input_policy, tile_size=tile_size, device=device)
-    keys = [source.keys[i] for i in selection.indices]
-    header = _header(config, source, selection, encoder, keys, tile_size, device)
+    indices, shard_size = selection.indices, config.shard_size
+    header_source = source
+    if config.augment_views:
+        source, indices, shard_size = _with_views(source, selection, config)
+    keys = [source.keys[i] for i in indices]
+    header = _header(config, header_source, selection, encoder, keys, tile_size, device, shard_size)
     out = Path(config.out)
     if config.repair and not has_cache(out):
         raise CacheError(f"{out}: no cache to repair (no manifest.json); run extract without --repair")
     old = read_json(out / MANIFEST, MANIFEST) if config.repair and (out / MANIFEST).is_file() else None
     prepare_out(out, header, config.overwrite, rank)
-    plan = _plan(len(keys), config.shard_size)
+    plan = _plan(len(keys), shard_size)
     mine = [s for s in plan if s[0] % world == rank]
     todo, names = _pending_shards(out, header, mine, config.repair)
     n_skipped = sum(s[2] - s[1] for s in mine if s not in todo)
     plan_out = [(names.get(i, shard_name(rank, i)), i, stop - start) for i, start, stop in todo]
     t_loop = time.perf_counter()
-    n_written = _run(encoder, source, selection.indices, todo, plan_out, header, out, config, device, progress,
+    n_written = _run(encoder, source, indices, todo, plan_out, header, out, config, device, progress,
                      n_skipped, sum(s[2] - s[1] for s in mine))
     t_done = time.perf_counter()
     manifest = _finalize(out, header, len(plan), rank, world, names)
@@ -185,6 +190,22 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _with_views(source, selection, config: ExtractConfig) -> tuple:
+    """``--augment-views K``: every tile of the split followed by K augmented copies (``AugmentedViews``), and the
+    shard size rounded up to a multiple of K + 1 so that a tile's views always share a shard (the loader serves
+    one view per tile per epoch and needs every shard's tile count fixed)."""
+    from cellembed.data._augment import AugmentedViews
+
+    k = int(config.augment_views)
+    if k < 0:
+        raise ValueError(f"--augment-views must be 0 or more, got {k}")
+    if selection.split in ("val", "test"):
+        raise ValueError(f"--augment-views {k} with --split {selection.split}: augmented copies are for training "
+                         "caches; extract validation and test splits without them")
+    views = AugmentedViews(source, selection.indices, k + 1)
+    return views, list(range(len(views))), -(-config.shard_size // (k + 1)) * (k + 1)
+
+
 def _tile_size(source, index: int) -> int:
     h, w = source[index].image.shape[:2]
     if h != w:
@@ -197,7 +218,7 @@ def _compute_mode(device: torch.device, dtype: str) -> str:
     return "bf16-autocast" if device.type == "cuda" and dtype != "fp32" else "fp32"
 
 
-def _header(config, source, selection, encoder, keys, tile_size, device) -> dict:
+def _header(config, source, selection, encoder, keys, tile_size, device, shard_size: int) -> dict:
     import timm
 
     import cellembed
@@ -210,8 +231,11 @@ def _header(config, source, selection, encoder, keys, tile_size, device) -> dict
         "dataset": source.describe(),
         "split": {"split": selection.split, "scheme": selection.scheme, "detail": selection.detail},
         "tiles": {"n": len(keys), "sha256": _keys_hash(keys), "size": tile_size},
-        "shard_size": config.shard_size,
+        "shard_size": shard_size,
     }
+    if config.augment_views:
+        identity["augment_views"] = {"copies": int(config.augment_views), "views": int(config.augment_views) + 1,
+                                     "augment": "cisca-full", "seed": 0}
     levels = [{"name": lv.name, "block": lv.block, "channels": lv.channels, "grid": list(lv.grid),
                "stride": lv.stride} for lv in encoder.levels]
     return {

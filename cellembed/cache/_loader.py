@@ -48,6 +48,7 @@ from cellembed.cache._reader import Cache, open_cache
 from cellembed.cache._stream import (
     data_loader,
     epoch_order,
+    epoch_reps,
     epoch_variants,
     occurrence_starts,
     stream_shards,
@@ -216,12 +217,13 @@ class Loader:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(int).tolist()
         grids = [tuple(lv["grid"]) for lv in cache.manifest["levels"]]
         self.variants = allowed_variants(grids) if o["augment"] == "dihedral" else [0]
-        self.class_counts = self.oversampled = self.reps = self.tile_of = None
+        self.views = cache_views(cache)
+        self.class_counts = self.oversampled = self.reps = None
         if o["oversample"] != "none":
-            self.class_counts, self.oversampled = _oversample(cache, o["oversample"])
-            self.reps = np.bincount(self.oversampled.indices, minlength=len(self.class_counts))
-            self.tile_of = np.repeat(np.arange(len(self.reps)), self.reps)
-        first = occurrence_starts({"offsets": self.offsets, "reps": self.reps})
+            self.class_counts, self.oversampled = _oversample(cache, o["oversample"], self.views)
+            n_tiles = len(self.class_counts)
+            self.reps = np.repeat(np.bincount(self.oversampled.indices, minlength=n_tiles), self.views)
+        first = occurrence_starts(self.spec(0))
         served = [int(first[self.offsets[s + 1]] - first[self.offsets[s]]) for s in range(len(self.counts))]
         per_rank = [sum(served[r::o["world_size"]]) for r in range(o["world_size"])]
         self.n_samples = per_rank[o["rank"]]
@@ -252,7 +254,8 @@ class Loader:
                 "seed": o["seed"], "epoch": epoch, "rank": o["rank"], "world_size": o["world_size"],
                 "n_streams": max(1, o["num_workers"]), "shuffle": o["shuffle"] if shuffle is None else shuffle,
                 "buffer": o["shuffle_buffer"], "variants": self.variants if augment else [0],
-                "head": o["head"], "magnification": o["magnification"], "targets": targets, "reps": self.reps}
+                "head": o["head"], "magnification": o["magnification"], "targets": targets, "reps": self.reps,
+                "views": self.views}
 
     def __iter__(self) -> Iterator[Batch]:
         if self.memory == "stream":
@@ -267,13 +270,15 @@ class Loader:
         spec = self.spec(self.epoch)
         order = epoch_order(spec)
         variants = epoch_variants(spec)
+        reps = epoch_reps(spec)
+        tile_of = None if reps is None else np.repeat(np.arange(len(reps)), reps)
         b = self.o["batch_size"]
         for start in range(0, self.n_batches * b, b):
-            yield self._indexed_batch(order[start:start + b], variants)
+            yield self._indexed_batch(order[start:start + b], variants, tile_of)
 
-    def _indexed_batch(self, indices: list[int], variants: np.ndarray) -> Batch:
+    def _indexed_batch(self, indices: list[int], variants: np.ndarray, tile_of: np.ndarray | None) -> Batch:
         s = self.store
-        tiles = indices if self.tile_of is None else self.tile_of[indices].tolist()
+        tiles = indices if tile_of is None else tile_of[indices].tolist()
         rows = [s["row"][i] for i in tiles]
         var = torch.as_tensor(variants[indices], dtype=torch.int64)
         sel = torch.as_tensor(rows, dtype=torch.int64, device=self.store_device)
@@ -291,8 +296,15 @@ class Loader:
         return Batch([move(f).float() for f in c["feats"]], move(c["image"]), targets, c["keys"])
 
 
-def _oversample(cache: Cache, scheme: str):
-    counts = tile_class_counts(cache)
+def cache_views(cache: Cache) -> int:
+    """Views per tile of a cache extracted with ``--augment-views`` (1 otherwise)."""
+    return int((cache.manifest["identity"].get("augment_views") or {}).get("views", 1))
+
+
+def _oversample(cache: Cache, scheme: str, views: int = 1):
+    """Instance class counts and the oversampled list of the cache's tiles (of view 0 only with augmented views:
+    a tile's views share its number of copies, so every shard serves the same count each epoch)."""
+    counts = tile_class_counts(cache)[::views]
     try:
         return counts, cisca_oversample(counts, scheme)
     except ValueError as err:
@@ -332,8 +344,8 @@ def _collate(items: list[dict]) -> dict:
 
 def _load_store(loader: Loader) -> dict:
     """Decode this rank's samples once into stacked tensors (fp16 levels as cached) on the store device."""
-    # each tile once (no oversampling copies); workers also compute its unaugmented targets
-    spec = dict(loader.spec(0, augment=False, targets=True, shuffle=False), reps=None)
+    # each sample once (no oversampling copies, every view); workers also compute its unaugmented targets
+    spec = dict(loader.spec(0, augment=False, targets=True, shuffle=False), reps=None, views=1)
     mine = sorted(i for shards in stream_shards(spec) for s in shards
                   for i in range(loader.offsets[s], loader.offsets[s + 1]))
     row = {i: r for r, i in enumerate(mine)}

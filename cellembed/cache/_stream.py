@@ -67,11 +67,28 @@ def _stream_rng(spec: dict, stream: int) -> np.random.Generator:
     return np.random.default_rng([spec["seed"], spec["epoch"], spec["rank"], stream, 1])
 
 
+def epoch_reps(spec: dict) -> np.ndarray | None:
+    """(n_samples,) copies of every cache sample in this epoch, or None for one copy each.
+
+    ``spec["reps"]`` (oversampling) times, for a cache with augmented views (``spec["views"]`` V > 1, a tile's V
+    views stored consecutively), a 0/1 mask that keeps one view per tile, drawn per epoch from (seed, epoch, tile):
+    every epoch is one pass over the tiles, each in one of its views.
+    """
+    reps, views = spec.get("reps"), int(spec.get("views") or 1)
+    if views == 1:
+        return reps
+    n = spec["offsets"][-1]
+    pick = np.random.default_rng([spec["seed"], spec["epoch"], 3]).integers(views, size=n // views)
+    mask = (np.arange(n) % views == np.repeat(pick, views)).astype(np.int64)
+    return mask if reps is None else reps * mask
+
+
 def occurrence_starts(spec: dict) -> np.ndarray:
-    """(n_samples + 1,) int64 first occurrence id of every cache sample (cumulative ``spec["reps"]``)."""
-    if spec.get("reps") is None:
+    """(n_samples + 1,) int64 first occurrence id of every cache sample (cumulative :func:`epoch_reps`)."""
+    reps = epoch_reps(spec)
+    if reps is None:
         return np.arange(spec["offsets"][-1] + 1, dtype=np.int64)
-    return np.concatenate([[0], np.cumsum(spec["reps"])]).astype(np.int64)
+    return np.concatenate([[0], np.cumsum(reps)]).astype(np.int64)
 
 
 def epoch_order(spec: dict) -> list[int]:

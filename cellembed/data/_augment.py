@@ -398,3 +398,44 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
 BLUR_NOISE = (motion_blur, median3, box3, variance_noise, sharpen, emboss)
 CONTRAST = (clahe_l, contrast, brightness)
 COLOUR = (hsv_shift, tf_hue_brightness)
+
+
+VIEW_SEP = "~aug"
+"""Key of view v > 0 of tile ``key`` in a cache with augmented views: ``f"{key}~aug{v}"`` (view 0 keeps ``key``)."""
+
+
+class AugmentedViews:
+    """The tiles ``indices`` of ``source``, each followed by ``views - 1`` augmented copies (:func:`augment_tile`).
+
+    Item ``j`` is view ``j % views`` of tile ``indices[j // views]``; view 0 is the tile itself, view v > 0 is
+    drawn with ``tile_rng(seed, v, source index)`` (the same draw whatever the worker or rank). What ``extract
+    --augment-views`` encodes, so that a cached training run sees CISCA's stain, blur, colour and elastic
+    augmentation (the image-space steps a cache cannot apply to features) on top of its dihedral turns. Has the
+    ``TileSource`` interface that extraction uses (``keys``, ``class_names``, ``__getitem__``, picklable).
+
+        >>> from cellembed.data import open_dataset
+        >>> views = AugmentedViews(open_dataset("synthetic", n_tiles=4, size=64), [0, 2], views=3)
+        >>> views.keys[:4]
+        ['synthetic_00000', 'synthetic_00000~aug1', 'synthetic_00000~aug2', 'synthetic_00002']
+    """
+
+    def __init__(self, source, indices: list[int], views: int, seed: int = 0, config: AugmentConfig = AugmentConfig()):
+        if views < 1:
+            raise ValueError(f"views must be at least 1 (the tile itself), got {views}")
+        self.source, self.indices, self.views, self.seed, self.config = source, list(indices), int(views), int(seed), config
+        self.class_names = source.class_names
+        self.keys = [source.keys[i] if v == 0 else f"{source.keys[i]}{VIEW_SEP}{v}"
+                     for i in self.indices for v in range(self.views)]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, j: int):
+        i, v = self.indices[j // self.views], j % self.views
+        tile = self.source[i]
+        if v == 0:
+            return tile
+        image, inst_map, type_map = augment_tile(tile.image, tile.inst_map, tile.type_map,
+                                                 tile_rng(self.seed, v, i), self.config)
+        return tile._replace(key=self.keys[j], image=image, inst_map=relabel(inst_map), type_map=type_map,
+                             meta={**tile.meta, "view": v})

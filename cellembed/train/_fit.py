@@ -321,6 +321,9 @@ def check_run_cache(cache, run: dict, role: str) -> None:
     except CacheError as err:
         raise CacheError(f"{role} {err}") from None
     theirs = cache.manifest["identity"]
+    if theirs.get("augment_views"):
+        raise CacheError(f"{role} {cache.path}: holds augmented copies of its tiles (extract --augment-views); "
+                         "evaluate on a cache extracted without --augment-views")
     if run.get("source", run.get("kind")) == "cache" and theirs.get("tiles") == ident.get("tiles") and \
             theirs.get("dataset") == ident.get("dataset"):
         split = theirs.get("split", {}).get("split")
