@@ -51,25 +51,34 @@ ENCODER = "efficientnet_lite0_in1k"
 ABLATED = "pretrained, cache, dihedral"
 """Its first seed's run adds steps 5 and 6 to ``ablation_consep.py``'s table (untuned, then tuned)."""
 GROUPS = r"(.+)_\d+$"
-VARIANTS = {  # name: (weights, source, augment)
-    "pretrained, cache, dihedral": ("packaged", "cache", "dihedral"),
-    "pretrained, live, full": ("packaged", "live", "full"),
-    "pretrained, cache, none": ("packaged", "cache", "none"),
-    "random, cache, dihedral": ("random", "cache", "dihedral"),
+VIEWS = 4
+"""Augmented copies per training tile of the 'cache + views' variant (``extract --augment-views``)."""
+VARIANTS = {  # name: (weights, source, augment, augmented views of the training cache)
+    "pretrained, cache, dihedral": ("packaged", "cache", "dihedral", 0),
+    "pretrained, cache + views, dihedral": ("packaged", "cache", "dihedral", VIEWS),
+    "pretrained, live, full": ("packaged", "live", "full", 0),
+    "pretrained, cache, none": ("packaged", "cache", "none", 0),
+    "random, cache, dihedral": ("random", "cache", "dihedral", 0),
 }
 
 
-def extract_splits(root: Path, weights: str, tmp: Path, workers: int, blocks: str = "default") -> tuple[dict, float]:
-    """Train / val / test caches of one encoder weighting (and block selection); returns their paths and the
-    train + val seconds."""
+def cache_name(weights: str, views: int) -> str:
+    return weights if not views else f"{weights}+views{views}"
+
+
+def extract_splits(root: Path, weights: str, tmp: Path, workers: int, blocks: str = "default",
+                   views: int = 0) -> tuple[dict, float]:
+    """Train / val / test caches of one encoder weighting (and block selection; ``views`` augmented copies of every
+    training tile); returns their paths and the train + val seconds."""
     from cellembed.cache import ExtractConfig, extract
 
     paths, seconds = {}, 0.0
     for split in ("train", "val", "test"):
-        out = tmp / f"{weights}-{split}"
+        out = tmp / (f"{weights}-{split}" if split != "train" or not views else f"{weights}-{split}-views{views}")
         res = extract(ExtractConfig(dataset="folder", root=str(root), out=str(out), encoder=ENCODER, weights=weights,
                                     split=split, scheme="cisca", device="cpu", num_workers=workers, batch_size=32,
-                                    shard_size=64, dataset_options={"group_regex": GROUPS}, blocks=blocks))
+                                    shard_size=64, dataset_options={"group_regex": GROUPS}, blocks=blocks,
+                                    augment_views=views if split == "train" else 0))
         paths[split] = str(out)
         if split != "test":
             seconds += res.seconds
@@ -82,8 +91,8 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int)
     from cellembed.train import FitConfig, fit_decoder
     from cellembed.train._fit import _tune_min_area
 
-    weights, source, augment = VARIANTS[name]
-    c = caches[weights]
+    weights, source, augment, views = VARIANTS[name]
+    c = caches[cache_name(weights, views)]
     # every fit option not named here is fit-decoder's default (the point: defaults that converge)
     common = {"out": str(tmp / f"run-{name.replace(', ', '-')}-{seed}"), "val_cache": c["val"], "augment": augment,
               "seed": seed, "device": "cpu", "num_workers": args.workers, "overwrite": True,
@@ -120,7 +129,7 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int)
     s = score.metrics["summary"]
     extract_s = c["seconds"] if source == "cache" else 0.0
     tuned = json.loads((fit.run_dir / "config.json").read_text())["postprocess"]["min_area"]
-    return {"variant": name, "seed": seed, "weights": weights, "source": source, "augment": augment,
+    return {"variant": name, "seed": seed, "weights": weights, "source": source, "augment": augment, "views": views,
             "config": {k: getattr(cfg, k) for k in ("epochs", "lr", "batch_size", "loss", "refine", "image_skip")},
             "pq": s["pq"], "mpq_plus": s["mpq_plus"], "aji": s["aji"], "dq": s["dq"], "sq": s["sq"],
             "pq_untuned": untuned.metrics["summary"]["pq"], "mpq_plus_untuned": untuned.metrics["summary"]["mpq_plus"],
@@ -175,6 +184,8 @@ def main() -> None:
                                                         "of a killed one) without training")
     parser.add_argument("--collect-note", default="", help="with --collect: how the collected runs were trained "
                                                            "(threads, what shared the cores), for the description")
+    parser.add_argument("--final", default=None, choices=list(VARIANTS),
+                        help="train this variant on all 27 CoNSeP images and score it on MoNuSeg tiles instead")
     args = parser.parse_args()
     root = REALDATA / "consep_tiles256"
     if not (root / "labels.npz").is_file():
@@ -186,12 +197,19 @@ def main() -> None:
         return
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="cellembed-consep-"))
     tmp.mkdir(parents=True, exist_ok=True)
+    if args.final:
+        try:
+            final_report(final_models(root, args, tmp), args, t0)
+        finally:
+            if not args.keep:
+                shutil.rmtree(tmp, ignore_errors=True)
+        return
     try:
         caches = {}
-        for weights in sorted({VARIANTS[v][0] for v in args.variants}):
-            paths, seconds = extract_splits(root, weights, tmp, args.workers)
-            caches[weights] = {**paths, "seconds": seconds}
-            print(f"extracted {weights} caches in {seconds:.0f} s (train + val)", flush=True)
+        for weights, views in sorted({(VARIANTS[v][0], VARIANTS[v][3]) for v in args.variants}):
+            paths, seconds = extract_splits(root, weights, tmp, args.workers, views=views)
+            caches[cache_name(weights, views)] = {**paths, "seconds": seconds}
+            print(f"extracted {cache_name(weights, views)} caches in {seconds:.0f} s (train + val)", flush=True)
         rows = [run_variant(name, caches, root, args, tmp, seed) for name in args.variants for seed in args.seeds]
     finally:
         if not args.keep:
@@ -199,12 +217,110 @@ def main() -> None:
     report(rows, args, t0)
 
 
+MONUSEG_TILE = 256
+MONUSEG_OFFSETS = (0, 248, 496, 744)
+"""Top-left corners of the 4 × 4 tiles of 256² cut from each 1000² MoNuSeg image (8 px overlap)."""
+
+
+def monuseg_tiles(out: Path, class_names: list[str]) -> Path:
+    """The labelled MoNuSeg images of ``../shared/realdata/monuseg_ykrmm`` (13 training images of 1000² here, H&E, 40x,
+    TCGA, several organs, class-agnostic) cut into 256² tiles as a folder dataset, for testing a CoNSeP model on other held-out tiles.
+
+    MoNuSeg has no nucleus types, so every nucleus gets type 1 and the class names of the CoNSeP run (the test
+    cache must match the run's): only the class-agnostic metrics (PQ, DQ, SQ, AJI) of these tiles mean anything.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from cellembed.data import Tile, relabel, write_folder_dataset
+
+    src = REALDATA / "monuseg_ykrmm"
+    z = np.load(src / "labels.npz")
+
+    def tiles():
+        for name, inst in zip(z["names"], z["inst"]):
+            image = np.asarray(Image.open(src / "images" / f"{name}.png").convert("RGB"))
+            for a, y in enumerate(MONUSEG_OFFSETS):
+                for b, x in enumerate(MONUSEG_OFFSETS):
+                    cut = relabel(inst[y:y + MONUSEG_TILE, x:x + MONUSEG_TILE])
+                    yield Tile(f"{name}_{4 * a + b:03d}", np.ascontiguousarray(image[y:y + MONUSEG_TILE, x:x + MONUSEG_TILE]),
+                               cut, (cut > 0).astype(np.uint8), {})
+
+    return write_folder_dataset(out, tiles(), class_names, overwrite=True)
+
+
+def final_models(root: Path, args, tmp: Path) -> list[dict]:
+    """``--final``: the variant ``args.final`` trained with fit-decoder's defaults on all 27 CoNSeP images (432 tiles;
+    no validation split, so the last epoch is kept and the preset's minimum area is used), scored on the labelled
+    MoNuSeg images cut into tiles (other held-out H&E tiles at 40x)."""
+    from cellembed.cache import ExtractConfig, extract
+    from cellembed.evaluate import score_run
+    from cellembed.train import FitConfig, fit_decoder
+
+    weights, source, augment, views = VARIANTS[args.final]
+    if source != "cache":
+        raise SystemExit(f"--final trains a cache variant; {args.final!r} is not one")
+    names = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
+    held = monuseg_tiles(tmp / "monuseg-tiles", names)
+    caches = {}
+    for name, ds_root, v in (("consep-all", root, views), ("monuseg", held, 0)):
+        caches[name] = str(tmp / f"{weights}-{name}")
+        extract(ExtractConfig(dataset="folder", root=str(ds_root), out=caches[name], encoder=ENCODER, weights=weights,
+                              split="all", device="cpu", num_workers=args.workers, batch_size=32, shard_size=64,
+                              augment_views=v))
+    rows = []
+    for seed in args.seeds:
+        cfg = FitConfig(cache=caches["consep-all"], out=str(tmp / f"final-{seed}"), augment=augment, seed=seed,
+                        device="cpu", num_workers=args.workers, memory="ram", overwrite=True,
+                        **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
+                           if v is not None})
+        fit = fit_decoder(cfg, on_epoch=lambda e, n, m: print(f"  [final seed {seed}] epoch {e}/{n} loss "
+                                                             f"{m['train_loss']:.3f}", flush=True))
+        score = score_run(fit.run_dir, caches["monuseg"], device="cpu", num_workers=args.workers, n_overlays=0,
+                          overwrite=True)
+        s = score.metrics["summary"]
+        rows.append({"variant": args.final, "seed": seed, "n_tiles": len(score.metrics["per_image"]), "pq": s["pq"], "dq": s["dq"], "sq": s["sq"], "aji": s["aji"],
+                     "precision": s["precision"], "recall": s["recall"], "fit_seconds": fit.seconds,
+                     "epochs": cfg.epochs, "per_image": per_source_image(score.out, GROUPS)})
+    return rows
+
+
+def final_report(rows: list[dict], args, t0: float) -> None:
+    """``<name>_heldout``: the final models' class-agnostic scores on the MoNuSeg tiles, mean ± sd over seeds."""
+    table = [{"model": f"{args.final}, all 27 CoNSeP images", "test tiles": f"MoNuSeg, {rows[0]['n_tiles'] // 16} images, {rows[0]['n_tiles']} tiles",
+              "seeds": len(rows), **{k.upper(): _mean_sd([r[k] for r in rows]) for k in ("pq", "dq", "sq", "aji")},
+              "precision": _mean_sd([r["precision"] for r in rows]), "recall": _mean_sd([r["recall"] for r in rows]),
+              "fit s per seed": f"{statistics.mean(r['fit_seconds'] for r in rows):.0f}"}]
+    description = (
+        f"The final model: `{args.final}` trained with fit-decoder's defaults ({rows[0]['epochs']} epochs) on all 27 "
+        "CoNSeP training images (432 tiles; no validation split: the last epoch, the 40x preset's minimum area). "
+        "Scored on other held-out H&E tiles at 40x: the labelled MoNuSeg images of `../shared/realdata` (TCGA, "
+        "several organs) cut into 4 × 4 tiles of 256² (8 px overlap). MoNuSeg is class-agnostic, so only PQ, DQ, SQ, AJI are reported (mean over "
+        "tiles with nuclei, as for CoNSeP); MoNuSeg's annotation style differs from CoNSeP's (every nucleus "
+        "outlined), so compare with the CoNSeP test split's numbers as a transfer check, not as equal tasks.")
+
+    def plot(ax):
+        per = {}
+        for r in rows:
+            for p in r["per_image"]:
+                per.setdefault(p["image"], []).append(p["pq"])
+        order = sorted(per, key=lambda k: statistics.mean(per[k]))
+        ax.bar(range(len(order)), [statistics.mean(per[k]) for k in order])
+        ax.set_xticks(range(len(order)), [k[5:12] for k in order], rotation=90, fontsize=6)
+        ax.set_ylabel("PQ (pooled tiles)")
+        ax.set_title("final CoNSeP model on MoNuSeg images")
+
+    payload = {"machine": machine(), "args": vars(args), "rows": rows, "seconds": time.perf_counter() - t0,
+               "description": description}
+    print(write_results(f"{args.name}_heldout", payload, table, plot).read_text())
+
+
 def collect_rows(folder: Path, args) -> list[dict]:
     """Rows of the runs that finished (scored) in ``folder``; what a run's files do not keep is None (the PQ with the
     preset's area, extraction seconds) or summed from its epochs (fit seconds: training epochs only)."""
     rows = []
     for name in args.variants:
-        weights, source, augment = VARIANTS[name]
+        weights, source, augment, views = VARIANTS[name]
         for seed in args.seeds:
             run = folder / f"run-{name.replace(', ', '-')}-{seed}"
             scored = run / f"score-{weights}-test" / "metrics.json"
@@ -216,7 +332,7 @@ def collect_rows(folder: Path, args) -> list[dict]:
             history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
             best = max(history, key=lambda h: h["val_pq"])
             rows.append({"variant": name, "seed": seed, "weights": weights, "source": source, "augment": augment,
-                         "config": {k: record["config"][k] for k in ("epochs", "lr", "batch_size", "loss", "refine",
+                         "views": views, "config": {k: record["config"][k] for k in ("epochs", "lr", "batch_size", "loss", "refine",
                                                                     "image_skip")},
                          "pq": s["pq"], "mpq_plus": s["mpq_plus"], "aji": s["aji"], "dq": s["dq"], "sq": s["sq"],
                          "pq_untuned": None, "mpq_plus_untuned": None, "best_epoch": best["epoch"],
@@ -259,8 +375,10 @@ def report(rows: list[dict], args, t0: float) -> None:
         f"{d.loss}, {cfg['epochs']} epochs, batch {cfg['batch_size']}, AdamW + OneCycle to a peak lr of "
         f"{cfg['lr']:g}, best epoch by validation PQ, then the minimum instance area tuned on validation "
         "(`--tune`); scored on the test split with 40x CISCA post-processing. Cache runs read from RAM; "
-        "'dihedral' flips / quarter-turns the cached levels, image and GT together; 'live, full' runs the encoder "
-        "in the loop with CISCA's full image-space augmentation. Each cell: mean ± sd over the seeds run (the seed "
+        "'dihedral' flips / quarter-turns the cached levels, image and GT together; 'cache + views' extracts "
+        f"{VIEWS} augmented copies of every training tile with CISCA's full image-space augmentation (`extract "
+        f"--augment-views {VIEWS}`) and serves one of the {VIEWS + 1} views per tile per epoch (same epoch cost); "
+        "'live, full' runs the encoder in the loop with CISCA's full image-space augmentation. Each cell: mean ± sd over the seeds run (the seed "
         f"sets decoder init and batch order). Wall times on this CPU ({torch.get_num_threads()} torch threads, "
         f"{args.workers} workers)."
         + (" Collected with `--collect` from a folder of finished runs (an interrupted invocation's, or runs "

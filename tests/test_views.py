@@ -102,3 +102,20 @@ def test_augmented_views_source_validates():
         AugmentedViews(source, [0], views=0)
     one = AugmentedViews(source, [1], views=1)
     assert one.keys == [source.keys[1]] and np.array_equal(one[0].image, source[1].image)
+
+
+def test_cli_extract_augment_views(tmp_path):
+    from typer.testing import CliRunner
+
+    from cellembed.cli import app
+
+    out = tmp_path / "cache"
+    args = ["extract", "--dataset", "synthetic", "--out", str(out), "--encoder", "test_vit", "--weights", "random",
+            "--device", "cpu", "--workers", "0", "--split", "train", "--augment-views", "1", "-o", "n_tiles=6",
+            "-o", "size=64"]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    cache = open_cache(out)
+    assert cache_views(cache) == 2 and len(cache) % 2 == 0
+    bad = CliRunner().invoke(app, [*args[:-8], "--split", "test", "--augment-views", "1", "--overwrite"])
+    assert bad.exit_code != 0 and "augmented copies are for training caches" in bad.output
