@@ -102,6 +102,31 @@ def test_fast_matches_reference_on_random_maps(seed):
     same_counts(image_counts(pred[..., 0], true[..., 0]), image_counts_reference(pred[..., 0], true[..., 0]))
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_one_pass_equals_the_numpy_path(seed):
+    from cellembed.metrics._fused import fused_counts
+    from cellembed.metrics._image import image_counts_numpy
+
+    rng = np.random.default_rng(100 + seed)
+    k = int(rng.integers(1, 7))
+    pred, true = random_pair(rng, size=int(rng.choice([32, 64, 96])), n_cells=int(rng.integers(0, 40)), n_classes=k,
+                             scramble=bool(seed % 2))
+    dtype = [np.int32, np.int64, np.uint16, np.int16][seed % 4]
+    if pred.max() > np.iinfo(dtype).max or true.max() > np.iinfo(dtype).max:
+        dtype = np.int64
+    pred, true = pred.astype(dtype), true.astype(dtype)
+    small_ids = max(pred[..., 0].max(), true[..., 0].max()) <= 4 * pred[..., 0].size + 65536
+    for p, t, kk in ((pred, true, k), (pred[..., 0], true[..., 0], None)):
+        fast = fused_counts(p, t, kk)
+        assert (fast is not None) == small_ids  # huge scrambled ids go to the numpy path
+        if fast is not None:
+            ref = image_counts_numpy(p, t, kk)
+            for field in fast._fields:  # counts exact; IoU sums summed in another order
+                x, y = getattr(fast, field), getattr(ref, field)
+                assert np.allclose(x, y, rtol=0, atol=1e-12) if "iou" in field else np.array_equal(x, y), field
+                assert type(x) is type(y) or isinstance(x, np.ndarray), field
+
+
 @pytest.mark.parametrize("case", ["empty", "pred_empty", "true_empty", "one_pixel", "full", "all_types_zero"])
 def test_fast_matches_reference_on_adversarial_maps(case):
     rng = np.random.default_rng(0)

@@ -121,7 +121,17 @@ def _class_terms(g_flat, p_flat, true_type, pred_type, n_classes):
 
 
 def image_counts_unchecked(pred: np.ndarray, true: np.ndarray, n_classes: int | None) -> ImageCounts:
-    """``image_counts`` without validation: (H, W) or (H, W, 2) non-negative integer maps, types <= K."""
+    """``image_counts`` without validation: (H, W) or (H, W, 2) non-negative integer maps, types <= K.
+
+    Takes the compiled one-pass path (``_fused.fused_counts``) unless ids or tables are too large for it."""
+    from cellembed.metrics._fused import fused_counts
+
+    fast = fused_counts(pred, true, n_classes)
+    return fast if fast is not None else image_counts_numpy(pred, true, n_classes)
+
+
+def image_counts_numpy(pred: np.ndarray, true: np.ndarray, n_classes: int | None) -> ImageCounts:
+    """The numpy path of :func:`image_counts_unchecked` (any ids, sparse tables for huge id counts)."""
     typed = true.ndim == 3
     g, g_ids = _compact(flat(true[..., 0] if typed else true))
     p, p_ids = _compact(flat(pred[..., 0] if typed else pred))

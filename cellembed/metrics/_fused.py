@@ -1,0 +1,272 @@
+"""One compiled pass per image: every per-image statistic of ``image_counts`` without numpy temporaries.
+
+The numpy path (``_image.py`` over ``_table.py``) builds the overlap table, then derives PQ, AJI, AJI+ and the
+class counts with a few dozen array operations; at 256² and ~40 cells those calls, not the pixels, are most of
+the time. Here one numba function reads the (H, W) instance and type maps in place (any integer dtype, strided
+views of an (H, W, 2) array, no int64 copies), compacts the ids with lookup tables, fills the dense instance and
+(instance, class)-part overlap tables, and walks their non-zero entries for every statistic. Only AJI+'s
+Hungarian pairing of the ambiguous pairs (true or predicted ids overlapping more than one partner) goes back to
+``scipy.optimize.linear_sum_assignment``, on the same small IoU matrix as the numpy path.
+
+Same definitions, same tie rules, same float formulas as ``_image.py`` (which stays the fallback for ids above
+the lookup-table bound and for tables above the dense limit); ``tests/test_metrics.py`` asserts identical
+``ImageCounts`` on adversarial pairs.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+EPS = 1.0e-6  # as _image.EPS (hover_net's AJI epsilon)
+_DENSE_LIMIT = 1 << 22  # cells of a dense overlap table built here (int64: 32 MB); beyond, the numpy path
+
+
+@numba.njit(cache=True, nogil=True)
+def _number(lut):
+    """Present ids (lut[v] = 1) → 1..n in sorted order, in place; returns the original id of each new id."""
+    n = 0
+    for v in range(1, lut.size):
+        if lut[v]:
+            n += 1
+            lut[v] = n
+    ids = np.zeros(n + 1, np.int64)
+    for v in range(1, lut.size):
+        if lut[v]:
+            ids[lut[v]] = v
+    lut[0] = 0
+    return ids
+
+
+@numba.njit(cache=True, nogil=True)
+def _tables(tr, pr, k1, bound):
+    """Instance table (nt+1, np+1) and, for typed maps (``tr.shape[1] == 2``), the part table over compact
+    (instance, class) parts. ``tr``, ``pr``: (P, 1 or 2) C-contiguous (instance[, type]) pixels.
+
+    Returns (table, part_table, part_t_keys, part_p_keys); an empty table means "ids above ``bound``, negative
+    ids, or a table above the dense limit: take the numpy path"."""
+    n = tr.shape[0]
+    typed = tr.shape[1] == 2
+    empty = np.zeros((0, 0), np.int64)
+    none = np.zeros(0, np.int64)
+    top_t, top_p, low = 0, 0, 0
+    for i in range(n):
+        x, y = tr[i, 0], pr[i, 0]
+        top_t = max(top_t, x)
+        top_p = max(top_p, y)
+        low = min(low, min(x, y))
+    if low < 0 or top_t > bound or top_p > bound:
+        return empty, empty, none, none
+    lut_t = np.zeros(top_t + 1, np.int64)
+    lut_p = np.zeros(top_p + 1, np.int64)
+    for i in range(n):
+        lut_t[tr[i, 0]] = 1
+        lut_p[pr[i, 0]] = 1
+    ids_t, ids_p = _number(lut_t), _number(lut_p)
+    nt, np_ = ids_t.size - 1, ids_p.size - 1
+    if (nt + 1) * (np_ + 1) > _DENSE_LIMIT:
+        return empty, empty, none, none
+    table = np.zeros((nt + 1, np_ + 1), np.int64)
+    if not typed:
+        for i in range(n):
+            table[lut_t[tr[i, 0]], lut_p[pr[i, 0]]] += 1
+        return table, empty, none, none
+    key_t = np.zeros((nt + 1) * k1, np.int64)
+    key_p = np.zeros((np_ + 1) * k1, np.int64)
+    fg = np.empty(n, np.int64)  # pixels in a true or predicted instance: the part pass visits only these
+    m = 0
+    for i in range(n):
+        t, p = lut_t[tr[i, 0]], lut_p[pr[i, 0]]
+        table[t, p] += 1
+        if t > 0 or p > 0:
+            fg[m] = i
+            m += 1
+            if t > 0 and tr[i, 1] > 0:
+                key_t[t * k1 + tr[i, 1]] = 1
+            if p > 0 and pr[i, 1] > 0:
+                key_p[p * k1 + pr[i, 1]] = 1
+    parts_t, parts_p = _number(key_t), _number(key_p)
+    if parts_t.size * parts_p.size > _DENSE_LIMIT:
+        return empty, empty, none, none
+    part = np.zeros((parts_t.size, parts_p.size), np.int64)
+    for f in range(m):
+        i = fg[f]
+        t, p = lut_t[tr[i, 0]], lut_p[pr[i, 0]]
+        a = key_t[t * k1 + tr[i, 1]] if t > 0 and tr[i, 1] > 0 else 0
+        b = key_p[p * k1 + pr[i, 1]] if p > 0 and pr[i, 1] > 0 else 0
+        if a > 0 or b > 0:
+            part[a, b] += 1
+    return table, part, parts_t, parts_p
+
+
+@numba.njit(cache=True, nogil=True)
+def _pairs(table):
+    """Non-zero foreground entries in row-major order (true id, then predicted id) and both area vectors."""
+    nt, np_ = table.shape[0] - 1, table.shape[1] - 1
+    area_t = np.zeros(nt + 1, np.int64)
+    area_p = np.zeros(np_ + 1, np.int64)
+    m = 0
+    for g in range(nt + 1):
+        for p in range(np_ + 1):
+            v = table[g, p]
+            area_t[g] += v
+            area_p[p] += v
+            if g > 0 and p > 0 and v > 0:
+                m += 1
+    gs, ps, inter = np.empty(m, np.int64), np.empty(m, np.int64), np.empty(m, np.int64)
+    k = 0
+    for g in range(1, nt + 1):
+        for p in range(1, np_ + 1):
+            if table[g, p] > 0:
+                gs[k], ps[k], inter[k] = g, p, table[g, p]
+                k += 1
+    return gs, ps, inter, area_t, area_p
+
+
+@numba.njit(cache=True, nogil=True)
+def _pq(gs, ps, inter, area_t, area_p):
+    """(tp, fp, fn, iou_sum) of IoU > 0.5 matching (2 · inter > union)."""
+    tp, iou_sum = 0, 0.0
+    for k in range(gs.size):
+        union = area_t[gs[k]] + area_p[ps[k]] - inter[k]
+        if 2 * inter[k] > union:
+            tp += 1
+            iou_sum += inter[k] / union
+    return tp, area_p.size - 1 - tp, area_t.size - 1 - tp, iou_sum
+
+
+@numba.njit(cache=True, nogil=True)
+def _unpaired(area_t, area_p, chosen_t, chosen_p):
+    """Areas of the true ids not chosen plus the predicted ids never chosen (AJI's union tail)."""
+    rest = 0
+    for g in range(1, area_t.size):
+        if not chosen_t[g]:
+            rest += area_t[g]
+    for p in range(1, area_p.size):
+        if not chosen_p[p]:
+            rest += area_p[p]
+    return rest
+
+
+@numba.njit(cache=True, nogil=True)
+def _aji(gs, ps, inter, area_t, area_p):
+    """AJI (hover_net ``get_fast_aji``): each true id's best-IoU pair, ties to the lowest predicted id."""
+    nt = area_t.size - 1
+    best = np.full(nt + 1, -1, np.int64)
+    best_iou = np.zeros(nt + 1)
+    for k in range(gs.size):  # row-major: within a true id, predicted ids ascend, so '>' keeps the lowest on ties
+        union = area_t[gs[k]] + area_p[ps[k]] - inter[k]
+        iou = inter[k] / (union + EPS)
+        if best[gs[k]] < 0 or iou > best_iou[gs[k]]:
+            best[gs[k]], best_iou[gs[k]] = k, iou
+    chosen_t = np.zeros(nt + 1, np.bool_)
+    chosen_p = np.zeros(area_p.size, np.bool_)
+    num, den = 0, 0
+    for g in range(1, nt + 1):
+        k = best[g]
+        if k >= 0:
+            chosen_t[g], chosen_p[ps[k]] = True, True
+            num += inter[k]
+            den += area_t[gs[k]] + area_p[ps[k]] - inter[k]
+    return num, den + _unpaired(area_t, area_p, chosen_t, chosen_p)
+
+
+@numba.njit(cache=True, nogil=True)
+def _aji_plus_singles(gs, ps, inter, area_t, area_p):
+    """AJI+ pairs that need no assignment (their true and predicted ids overlap nothing else): their (ΣI, ΣU)
+    and chosen masks, plus the indices of the other pairs (for the Hungarian step)."""
+    deg_t = np.zeros(area_t.size, np.int64)
+    deg_p = np.zeros(area_p.size, np.int64)
+    for k in range(gs.size):
+        deg_t[gs[k]] += 1
+        deg_p[ps[k]] += 1
+    chosen_t = np.zeros(area_t.size, np.bool_)
+    chosen_p = np.zeros(area_p.size, np.bool_)
+    num, den, n_rest = 0, 0, 0
+    for k in range(gs.size):
+        if deg_t[gs[k]] == 1 and deg_p[ps[k]] == 1:
+            chosen_t[gs[k]], chosen_p[ps[k]] = True, True
+            num += inter[k]
+            den += area_t[gs[k]] + area_p[ps[k]] - inter[k]
+        else:
+            n_rest += 1
+    rest = np.empty(n_rest, np.int64)
+    r = 0
+    for k in range(gs.size):
+        if not (deg_t[gs[k]] == 1 and deg_p[ps[k]] == 1):
+            rest[r] = k
+            r += 1
+    return num, den, chosen_t, chosen_p, rest
+
+
+@numba.njit(cache=True, nogil=True)
+def _classes(part, parts_t, parts_p, k1):
+    """Per-class (tp, fp, fn, iou) over classes 1..K and the part matching (tp, fp, fn, iou) of all parts."""
+    gs, ps, inter, area_t, area_p = _pairs(part)
+    k = k1 - 1
+    tp, fp, fn = np.zeros(k, np.int64), np.zeros(k, np.int64), np.zeros(k, np.int64)
+    iou = np.zeros(k)
+    for a in range(1, parts_t.size):
+        fn[parts_t[a] % k1 - 1] += 1
+    for b in range(1, parts_p.size):
+        fp[parts_p[b] % k1 - 1] += 1
+    part_tp, part_iou = 0, 0.0
+    for m in range(gs.size):
+        union = area_t[gs[m]] + area_p[ps[m]] - inter[m]
+        if 2 * inter[m] > union:
+            value = inter[m] / union
+            part_tp += 1
+            part_iou += value
+            c = parts_t[gs[m]] % k1
+            if c == parts_p[ps[m]] % k1:
+                tp[c - 1] += 1
+                iou[c - 1] += value
+    for c in range(k):
+        fp[c] -= tp[c]
+        fn[c] -= tp[c]
+    return tp, fp, fn, iou, part_tp, parts_p.size - 1 - part_tp, parts_t.size - 1 - part_tp, part_iou
+
+
+def fused_counts(pred: np.ndarray, true: np.ndarray, n_classes: int | None):
+    """``ImageCounts`` of one (H, W) or (H, W, 2) pair in one compiled pass, or None when the ids or the tables
+    are too large for lookup tables (the caller then takes the numpy path)."""
+    from scipy.optimize import linear_sum_assignment
+
+    from cellembed.metrics._image import ImageCounts
+
+    typed = true.ndim == 3
+    if true.dtype.kind not in "iu" or true.dtype == np.uint64 or pred.dtype != true.dtype:
+        return None  # uint64 mixes with int64 as float in numba; mixed dtypes would compile one more variant
+    tr = np.ascontiguousarray(true).reshape(-1, 2 if typed else 1)
+    pr = np.ascontiguousarray(pred).reshape(-1, 2 if typed else 1)
+    k1 = (n_classes or 0) + 1
+    table, part, parts_t, parts_p = _tables(tr, pr, k1, 4 * tr.shape[0] + 65536)
+    if table.size == 0:
+        return None
+    gs, ps, inter, area_t, area_p = _pairs(table)
+    tp, fp, fn, iou_sum = _pq(gs, ps, inter, area_t, area_p)
+    fg = (int(area_t[1:].sum()), int(area_p[1:].sum()), int(inter.sum()))
+    aji = _aji(gs, ps, inter, area_t, area_p)
+    num, den, chosen_t, chosen_p, rest = _aji_plus_singles(gs, ps, inter, area_t, area_p)
+    if rest.size:
+        rows, r = np.unique(gs[rest], return_inverse=True)
+        cols, c = np.unique(ps[rest], return_inverse=True)
+        iou = np.zeros((rows.size, cols.size))
+        index = np.full((rows.size, cols.size), -1)
+        union = area_t[gs[rest]] + area_p[ps[rest]] - inter[rest]
+        iou[r, c] = inter[rest] / (union + EPS)
+        index[r, c] = rest
+        a, b = linear_sum_assignment(-iou)
+        pick = index[a, b][iou[a, b] > 0]
+        chosen_t[gs[pick]], chosen_p[ps[pick]] = True, True
+        num += int(inter[pick].sum())
+        den += int((area_t[gs[pick]] + area_p[ps[pick]] - inter[pick]).sum())
+    ajip = (int(num), int(den) + int(_unpaired(area_t, area_p, chosen_t, chosen_p)))
+    if typed:
+        c_tp, c_fp, c_fn, c_iou, *part_terms = _classes(part, parts_t, parts_p, k1)
+        cls = (c_tp, c_fp, c_fn, c_iou)
+    else:
+        empty = np.zeros(0, np.int64)
+        cls, part_terms = (empty, empty, empty, np.zeros(0)), (tp, fp, fn, iou_sum)
+    return ImageCounts(int(tp), int(fp), int(fn), float(iou_sum), int(aji[0]), int(aji[1]), *ajip, *fg, *cls,
+                       *(int(v) if i < 3 else float(v) for i, v in enumerate(part_terms)))
