@@ -86,11 +86,28 @@ def _decoder_width(factor: int):
         unetr.CHANNELS = channels
 
 
+@contextlib.contextmanager
+def _all_views():
+    """Serve every view of a cache with augmented views each epoch (the loader's default serves one per tile)."""
+    import cellembed.cache._loader as loader
+
+    views = loader.cache_views
+    loader.cache_views = lambda cache: 1
+    try:
+        yield
+    finally:
+        loader.cache_views = views
+
+
 TYPE_BRANCH = "types from a half-resolution branch (--type-branch)"
+VIEWS_ONE = "4 augmented views per tile (extract --augment-views 4), one per epoch"
+VIEWS_ALL_4 = "4 augmented views per tile, all 5 served every epoch, 4 epochs (20 tile epochs)"
+VIEWS_ALL_8 = "4 augmented views per tile, all 5 served every epoch, 8 epochs (40 tile epochs)"
 AFTER_TYPE_BRANCH = ("two 3×3 blocks per decoder level (--level-depth 2)",
                      "separate full-resolution stacks per map (--split-trunks)",
                      "all seven stage ends cached (blocks 0,2,4,7,10,14,15)",
-                     "live encoder + full image-space augmentation")
+                     "live encoder + full image-space augmentation",
+                     VIEWS_ONE, VIEWS_ALL_4, VIEWS_ALL_8)
 """Candidates tried once the type branch was the default: their baseline is the type-branch runs."""
 
 
@@ -113,14 +130,18 @@ CANDIDATES = {  # name: (fit options, extraction options, context manager factor
     "separate full-resolution stacks per map (--split-trunks)": ({"split_trunks": True}, {}, None),
     "all seven stage ends cached (blocks 0,2,4,7,10,14,15)": ({}, {"blocks": "0,2,4,7,10,14,15"}, None),
     "live encoder + full image-space augmentation": ({"source": "live", "augment": "full"}, {}, None),
+    VIEWS_ONE: ({}, {"views": 4}, None),
+    VIEWS_ALL_4: ({"epochs": 4}, {"views": 4}, _all_views),
+    VIEWS_ALL_8: ({"epochs": 8}, {"views": 4}, _all_views),
 }
 
 
-def caches(root: Path, tmp: Path, weights: str = "packaged", scale: int = 1, blocks: str = "default") -> dict:
+def caches(root: Path, tmp: Path, weights: str = "packaged", scale: int = 1, blocks: str = "default",
+           views: int = 0) -> dict:
     """Train / val / test caches as ``quality_consep.py`` extracts them (resumed when already there)."""
     folder = tmp / (f"x{scale}" if blocks == "default" else f"x{scale}-blocks-{blocks.replace(',', '-')}")
     with _input_scale(scale) if scale != 1 else contextlib.nullcontext():
-        return extract_splits(root, weights, folder, workers=2, blocks=blocks)[0]
+        return extract_splits(root, weights, folder, workers=2, blocks=blocks, views=views)[0]
 
 
 class _Stop(Exception):
@@ -199,6 +220,8 @@ def render(rows: list[dict]) -> None:
         if r["candidate"] == baseline(r["candidate"]):
             base = [b for b in rows if b["candidate"] == r["candidate"]]
         last = r["history"][-1]["epoch"] if r["history"] else 0
+        if r["epochs"] != 20:  # another schedule: its epoch e is not the defaults' epoch e
+            base = []
         ref_loss = [_at(b["history"], last, "train_loss") for b in base]
         ref_pq = [_at(b["history"], last, "val_pq") for b in base]
         ref_loss, ref_pq = [v for v in ref_loss if v is not None], [v for v in ref_pq if v is not None]
@@ -222,7 +245,8 @@ def render(rows: list[dict]) -> None:
         "train loss and validation PQ compare with the defaults' runs at the same epoch of the same schedule "
         "(in brackets, one value per seed of the defaults). Candidates tried after the type branch became the "
         f"default ({', '.join(AFTER_TYPE_BRANCH)}) compare with the type-branch runs instead (its seeds 1 and 2 "
-        "are quality_consep.py's). A live run's train loss is measured on augmented tiles. Seconds per epoch depend on the threads and on "
+        "are quality_consep.py's). Rows with another number of epochs (the augmented views served all at once, "
+        "each epoch 5 passes over the tiles) have no same-epoch comparison. A live run's train loss is measured on augmented tiles. Seconds per epoch depend on the threads and on "
         "what else ran on the 2 cores (candidates were screened two at a time with 1 thread each), so compare "
         "the decoder step in cache_vs_live.py instead.")
 

@@ -62,6 +62,11 @@ VARIANTS = {  # name: (weights, source, augment, augmented views of the training
 }
 
 
+def run_name(variant: str, seed: int) -> str:
+    """``run-pretrained-cache-dihedral-0``, ``run-pretrained-cache+views-dihedral-0``, ..."""
+    return f"run-{variant.replace(', ', '-').replace(' + ', '+')}-{seed}"
+
+
 def cache_name(weights: str, views: int) -> str:
     return weights if not views else f"{weights}+views{views}"
 
@@ -94,7 +99,7 @@ def run_variant(name: str, caches: dict, root: Path, args, tmp: Path, seed: int)
     weights, source, augment, views = VARIANTS[name]
     c = caches[cache_name(weights, views)]
     # every fit option not named here is fit-decoder's default (the point: defaults that converge)
-    common = {"out": str(tmp / f"run-{name.replace(', ', '-')}-{seed}"), "val_cache": c["val"], "augment": augment,
+    common = {"out": str(tmp / run_name(name, seed)), "val_cache": c["val"], "augment": augment,
               "seed": seed, "device": "cpu", "num_workers": args.workers, "overwrite": True,
               **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
                  if v is not None}}
@@ -322,7 +327,7 @@ def collect_rows(folder: Path, args) -> list[dict]:
     for name in args.variants:
         weights, source, augment, views = VARIANTS[name]
         for seed in args.seeds:
-            run = folder / f"run-{name.replace(', ', '-')}-{seed}"
+            run = folder / run_name(name, seed)
             scored = run / f"score-{weights}-test" / "metrics.json"
             if not scored.is_file():
                 print(f"collect: {run} has no test scores (unfinished); left out", flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 EPS = 1.0e-6  # as _image.EPS (hover_net's AJI epsilon)
 _DENSE_LIMIT = 1 << 22  # cells of a dense overlap table built here (int64: 32 MB); beyond, the numpy path
@@ -43,6 +44,10 @@ def _tables(tr, pr, k1, bound):
     """Instance table (nt+1, np+1) and, for typed maps (``tr.shape[1] == 2``), the part table over compact
     (instance, class) parts. ``tr``, ``pr``: (P, 1 or 2) C-contiguous (instance[, type]) pixels.
 
+    Two passes over the pixels: the id range, then runs of equal (true id, true type, predicted id, predicted
+    type) in raster order, each id marked present once per run. Ids are then numbered in sorted order and the
+    runs (a few per cent of the pixels) fill the dense tables.
+
     Returns (table, part_table, part_t_keys, part_p_keys); an empty table means "ids above ``bound``, negative
     ids, or a table above the dense limit: take the numpy path"."""
     n = tr.shape[0]
@@ -55,47 +60,53 @@ def _tables(tr, pr, k1, bound):
         top_t = max(top_t, x)
         top_p = max(top_p, y)
         low = min(low, min(x, y))
-    if low < 0 or top_t > bound or top_p > bound:
+    if low < 0 or top_t > bound or top_p > bound or n == 0:
         return empty, empty, none, none
     lut_t = np.zeros(top_t + 1, np.int64)
     lut_p = np.zeros(top_p + 1, np.int64)
+    c = 1 if typed else 0
+    runs = np.empty((n, 5), np.int64)  # x, type of x, y, type of y, pixels
+    r = 0
+    x0, tx0, y0, ty0 = tr[0, 0], tr[0, c], pr[0, 0], pr[0, c]
+    count = 0
     for i in range(n):
-        lut_t[tr[i, 0]] = 1
-        lut_p[pr[i, 0]] = 1
+        x, tx, y, ty = tr[i, 0], tr[i, c], pr[i, 0], pr[i, c]
+        if x != x0 or y != y0 or tx != tx0 or ty != ty0:
+            runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4] = x0, tx0, y0, ty0, count
+            lut_t[x0], lut_p[y0] = 1, 1
+            r += 1
+            x0, tx0, y0, ty0, count = x, tx, y, ty, 0
+        count += 1
+    runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4] = x0, tx0, y0, ty0, count
+    lut_t[x0], lut_p[y0] = 1, 1
+    r += 1
     ids_t, ids_p = _number(lut_t), _number(lut_p)
     nt, np_ = ids_t.size - 1, ids_p.size - 1
     if (nt + 1) * (np_ + 1) > _DENSE_LIMIT:
         return empty, empty, none, none
     table = np.zeros((nt + 1, np_ + 1), np.int64)
+    for j in range(r):
+        table[lut_t[runs[j, 0]], lut_p[runs[j, 2]]] += runs[j, 4]
     if not typed:
-        for i in range(n):
-            table[lut_t[tr[i, 0]], lut_p[pr[i, 0]]] += 1
         return table, empty, none, none
     key_t = np.zeros((nt + 1) * k1, np.int64)
     key_p = np.zeros((np_ + 1) * k1, np.int64)
-    fg = np.empty(n, np.int64)  # pixels in a true or predicted instance: the part pass visits only these
-    m = 0
-    for i in range(n):
-        t, p = lut_t[tr[i, 0]], lut_p[pr[i, 0]]
-        table[t, p] += 1
-        if t > 0 or p > 0:
-            fg[m] = i
-            m += 1
-            if t > 0 and tr[i, 1] > 0:
-                key_t[t * k1 + tr[i, 1]] = 1
-            if p > 0 and pr[i, 1] > 0:
-                key_p[p * k1 + pr[i, 1]] = 1
+    for j in range(r):
+        t, p = lut_t[runs[j, 0]], lut_p[runs[j, 2]]
+        if t > 0 and runs[j, 1] > 0:
+            key_t[t * k1 + runs[j, 1]] = 1
+        if p > 0 and runs[j, 3] > 0:
+            key_p[p * k1 + runs[j, 3]] = 1
     parts_t, parts_p = _number(key_t), _number(key_p)
     if parts_t.size * parts_p.size > _DENSE_LIMIT:
         return empty, empty, none, none
     part = np.zeros((parts_t.size, parts_p.size), np.int64)
-    for f in range(m):
-        i = fg[f]
-        t, p = lut_t[tr[i, 0]], lut_p[pr[i, 0]]
-        a = key_t[t * k1 + tr[i, 1]] if t > 0 and tr[i, 1] > 0 else 0
-        b = key_p[p * k1 + pr[i, 1]] if p > 0 and pr[i, 1] > 0 else 0
+    for j in range(r):
+        t, p = lut_t[runs[j, 0]], lut_p[runs[j, 2]]
+        a = key_t[t * k1 + runs[j, 1]] if t > 0 and runs[j, 1] > 0 else 0
+        b = key_p[p * k1 + runs[j, 3]] if p > 0 and runs[j, 3] > 0 else 0
         if a > 0 or b > 0:
-            part[a, b] += 1
+            part[a, b] += runs[j, 4]
     return table, part, parts_t, parts_p
 
 
@@ -200,6 +211,56 @@ def _aji_plus_singles(gs, ps, inter, area_t, area_p):
 
 
 @numba.njit(cache=True, nogil=True)
+def _ajip_matrix(gs, ps, inter, area_t, area_p, rest):
+    """The IoU matrix (true ids × predicted ids of the ambiguous pairs ``rest``, both ascending) that AJI+'s
+    Hungarian step solves, and the pair index of each cell (-1: no overlap)."""
+    row = np.full(area_t.size, -1, np.int64)
+    col = np.full(area_p.size, -1, np.int64)
+    for k in rest:
+        row[gs[k]] = 0
+        col[ps[k]] = 0
+    nr, nc = 0, 0
+    for g in range(area_t.size):
+        if row[g] == 0:
+            row[g] = nr
+            nr += 1
+    for q in range(area_p.size):
+        if col[q] == 0:
+            col[q] = nc
+            nc += 1
+    iou = np.zeros((nr, nc))
+    index = np.full((nr, nc), -1, np.int64)
+    for k in rest:
+        union = area_t[gs[k]] + area_p[ps[k]] - inter[k]
+        iou[row[gs[k]], col[ps[k]]] = inter[k] / (union + EPS)
+        index[row[gs[k]], col[ps[k]]] = k
+    return iou, index
+
+
+@numba.njit(cache=True, nogil=True)
+def _ajip_finish(a, b, iou, index, gs, ps, inter, area_t, area_p, chosen_t, chosen_p, num, den):
+    """Add the Hungarian pairs with IoU > 0 to the singles' (ΣI, ΣU), then the unpaired areas."""
+    for m in range(a.size):
+        if iou[a[m], b[m]] > 0:
+            k = index[a[m], b[m]]
+            chosen_t[gs[k]], chosen_p[ps[k]] = True, True
+            num += inter[k]
+            den += area_t[gs[k]] + area_p[ps[k]] - inter[k]
+    return num, den + _unpaired(area_t, area_p, chosen_t, chosen_p)
+
+
+@numba.njit(cache=True, nogil=True)
+def _instance_stats(table):
+    """Everything from the instance table: PQ terms, foreground counts, AJI, and AJI+'s singles."""
+    gs, ps, inter, area_t, area_p = _pairs(table)
+    pq = _pq(gs, ps, inter, area_t, area_p)
+    fg_t, fg_p, fg_i = area_t[1:].sum(), area_p[1:].sum(), inter.sum()
+    aji = _aji(gs, ps, inter, area_t, area_p)
+    singles = _aji_plus_singles(gs, ps, inter, area_t, area_p)
+    return (gs, ps, inter, area_t, area_p), pq, (fg_t, fg_p, fg_i), aji, singles
+
+
+@numba.njit(cache=True, nogil=True)
 def _classes(part, parts_t, parts_p, k1):
     """Per-class (tp, fp, fn, iou) over classes 1..K and the part matching (tp, fp, fn, iou) of all parts."""
     gs, ps, inter, area_t, area_p = _pairs(part)
@@ -230,9 +291,7 @@ def _classes(part, parts_t, parts_p, k1):
 def fused_counts(pred: np.ndarray, true: np.ndarray, n_classes: int | None):
     """``ImageCounts`` of one (H, W) or (H, W, 2) pair in one compiled pass, or None when the ids or the tables
     are too large for lookup tables (the caller then takes the numpy path)."""
-    from scipy.optimize import linear_sum_assignment
-
-    from cellembed.metrics._image import ImageCounts
+    from cellembed.metrics._image import ImageCounts  # _image imports this module lazily
 
     typed = true.ndim == 3
     if true.dtype.kind not in "iu" or true.dtype == np.uint64 or pred.dtype != true.dtype:
@@ -243,30 +302,20 @@ def fused_counts(pred: np.ndarray, true: np.ndarray, n_classes: int | None):
     table, part, parts_t, parts_p = _tables(tr, pr, k1, 4 * tr.shape[0] + 65536)
     if table.size == 0:
         return None
-    gs, ps, inter, area_t, area_p = _pairs(table)
-    tp, fp, fn, iou_sum = _pq(gs, ps, inter, area_t, area_p)
-    fg = (int(area_t[1:].sum()), int(area_p[1:].sum()), int(inter.sum()))
-    aji = _aji(gs, ps, inter, area_t, area_p)
-    num, den, chosen_t, chosen_p, rest = _aji_plus_singles(gs, ps, inter, area_t, area_p)
+    pairs, (tp, fp, fn, iou_sum), fg, aji, singles = _instance_stats(table)
+    num, den, chosen_t, chosen_p, rest = singles
     if rest.size:
-        rows, r = np.unique(gs[rest], return_inverse=True)
-        cols, c = np.unique(ps[rest], return_inverse=True)
-        iou = np.zeros((rows.size, cols.size))
-        index = np.full((rows.size, cols.size), -1)
-        union = area_t[gs[rest]] + area_p[ps[rest]] - inter[rest]
-        iou[r, c] = inter[rest] / (union + EPS)
-        index[r, c] = rest
+        iou, index = _ajip_matrix(*pairs, rest)
         a, b = linear_sum_assignment(-iou)
-        pick = index[a, b][iou[a, b] > 0]
-        chosen_t[gs[pick]], chosen_p[ps[pick]] = True, True
-        num += int(inter[pick].sum())
-        den += int((area_t[gs[pick]] + area_p[ps[pick]] - inter[pick]).sum())
-    ajip = (int(num), int(den) + int(_unpaired(area_t, area_p, chosen_t, chosen_p)))
+        ajip = _ajip_finish(a.astype(np.int64), b.astype(np.int64), iou, index, *pairs, chosen_t, chosen_p, num, den)
+    else:
+        ajip = (num, den + _unpaired(pairs[3], pairs[4], chosen_t, chosen_p))
     if typed:
         c_tp, c_fp, c_fn, c_iou, *part_terms = _classes(part, parts_t, parts_p, k1)
         cls = (c_tp, c_fp, c_fn, c_iou)
     else:
         empty = np.zeros(0, np.int64)
         cls, part_terms = (empty, empty, empty, np.zeros(0)), (tp, fp, fn, iou_sum)
-    return ImageCounts(int(tp), int(fp), int(fn), float(iou_sum), int(aji[0]), int(aji[1]), *ajip, *fg, *cls,
+    return ImageCounts(int(tp), int(fp), int(fn), float(iou_sum), int(aji[0]), int(aji[1]), int(ajip[0]),
+                       int(ajip[1]), int(fg[0]), int(fg[1]), int(fg[2]), *cls,
                        *(int(v) if i < 3 else float(v) for i, v in enumerate(part_terms)))
