@@ -11,6 +11,7 @@ TP/FP/FN/IoU, AJI, AJI+, Dice, per-class counts for K = 6, bPQ parts); the run a
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -75,6 +76,7 @@ def main() -> None:
     parser.add_argument("--tiles", type=int, default=500)
     parser.add_argument("--large", type=int, default=3)
     args = parser.parse_args()
+    load_before = os.getloadavg()
     small = make(args.tiles, 256, 40, seed=0)
     large = make(args.large, 1024, 700, seed=1)
     image_counts_unchecked(small[0][0], small[1][0], K)  # numba compile / cache load, not timed
@@ -82,7 +84,8 @@ def main() -> None:
     image_counts_numpy(small[0][0], small[1][0], K)
     rows = [run_case("256² typed", *small, typed=True), run_case("256² instance-only", *small, typed=False),
             run_case("1024² typed", *large, typed=True)]
-    payload = {"machine": machine(), "rows": rows, "k": K,
+    load = [round(x, 1) for x in (*load_before, *os.getloadavg())]
+    payload = {"machine": machine(), "rows": rows, "k": K, "load_average": load,
                "description": "Synthetic (pred, true) pairs from `random_pair` (touching discs; the prediction "
                               "shifts, resizes, drops, splits and merges cells, adds FPs, flips types). Both "
                               "sides compute all per-image statistics (PQ counts, AJI, AJI+, Dice, per-class "
@@ -90,7 +93,9 @@ def main() -> None:
                               "cellembed: the compiled one-pass path (`metrics/_fused.py`), best of 3 passes; "
                               "'numpy path, before': the previous implementation (overlap table in numba, "
                               "statistics in numpy; still the fallback for huge ids), timed in the same run; `score_arrays` adds validation and aggregation. "
-                              "Single process."}
+                              "Single process. Load average (1, 5, 15 min) before / after the run: "
+                              f"{load[:3]} / {load[3:]} (other jobs sharing the 2 cores inflate absolute "
+                              "times; the compiled / numpy ratio is measured side by side)."}
 
     def plot(ax):
         x = np.arange(len(rows))
