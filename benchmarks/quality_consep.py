@@ -191,6 +191,8 @@ def main() -> None:
                                                            "(threads, what shared the cores), for the description")
     parser.add_argument("--final", default=None, choices=list(VARIANTS),
                         help="train this variant on all 27 CoNSeP images and score it on MoNuSeg tiles instead")
+    parser.add_argument("--heldout", nargs="+", default=None, metavar="RUN",
+                        help="score finished runs of this protocol on the MoNuSeg tiles instead of training")
     args = parser.parse_args()
     root = REALDATA / "consep_tiles256"
     if not (root / "labels.npz").is_file():
@@ -202,9 +204,9 @@ def main() -> None:
         return
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="cellembed-consep-"))
     tmp.mkdir(parents=True, exist_ok=True)
-    if args.final:
+    if args.final or args.heldout:
         try:
-            final_report(final_models(root, args, tmp), args, t0)
+            heldout_report(final_models(root, args, tmp) if args.final else heldout_runs(args, tmp), args, t0)
         finally:
             if not args.keep:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -254,66 +256,110 @@ def monuseg_tiles(out: Path, class_names: list[str]) -> Path:
     return write_folder_dataset(out, tiles(), class_names, overwrite=True)
 
 
+CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
+
+
+def monuseg_cache(tmp: Path, weights: str, workers: int) -> str:
+    """The MoNuSeg tiles' cache for the packaged (or random) encoder (resumed when already there)."""
+    from cellembed.cache import ExtractConfig, extract
+
+    held = monuseg_tiles(tmp / "monuseg-tiles", CONSEP_CLASSES)
+    out = str(tmp / f"{weights}-monuseg")
+    extract(ExtractConfig(dataset="folder", root=str(held), out=out, encoder=ENCODER, weights=weights, split="all",
+                          device="cpu", num_workers=workers, batch_size=32, shard_size=64))
+    return out
+
+
+def heldout_row(run: Path, cache: str, workers: int, model: str, seed: int) -> dict:
+    """A run's class-agnostic scores on the MoNuSeg tiles, beside its CoNSeP test scores when it has them."""
+    from cellembed.evaluate import score_run
+
+    run = Path(run)
+    score = score_run(run, cache, out=run / "score-monuseg", device="cpu", num_workers=workers, n_overlays=0,
+                      overwrite=True)
+    s = score.metrics["summary"]
+    consep = sorted(run.glob("score-*-test/metrics.json"))
+    c = json.loads(consep[0].read_text())["summary"] if consep else {}
+    record = json.loads((run / "config.json").read_text())
+    return {"model": model, "seed": seed, "run": str(run), "n_tiles": len(score.metrics["per_image"]),
+            "epochs": record["config"]["epochs"], "min_area": record["postprocess"]["min_area"],
+            **{k: s[k] for k in ("pq", "dq", "sq", "aji", "precision", "recall")},
+            "consep_test_pq": c.get("pq"), "per_image": per_source_image(score.out, GROUPS)}
+
+
 def final_models(root: Path, args, tmp: Path) -> list[dict]:
     """``--final``: the variant ``args.final`` trained with fit-decoder's defaults on all 27 CoNSeP images (432 tiles;
     no validation split, so the last epoch is kept and the preset's minimum area is used), scored on the labelled
     MoNuSeg images cut into tiles (other held-out H&E tiles at 40x)."""
     from cellembed.cache import ExtractConfig, extract
-    from cellembed.evaluate import score_run
     from cellembed.train import FitConfig, fit_decoder
 
     weights, source, augment, views = VARIANTS[args.final]
     if source != "cache":
         raise SystemExit(f"--final trains a cache variant; {args.final!r} is not one")
-    names = ["background", "other", "inflammatory", "epithelial", "spindle-shaped"]
-    held = monuseg_tiles(tmp / "monuseg-tiles", names)
-    caches = {}
-    for name, ds_root, v in (("consep-all", root, views), ("monuseg", held, 0)):
-        caches[name] = str(tmp / f"{weights}-{name}")
-        extract(ExtractConfig(dataset="folder", root=str(ds_root), out=caches[name], encoder=ENCODER, weights=weights,
-                              split="all", device="cpu", num_workers=args.workers, batch_size=32, shard_size=64,
-                              augment_views=v))
+    held = monuseg_cache(tmp, weights, args.workers)
+    train = str(tmp / f"{weights}-consep-all")
+    extract(ExtractConfig(dataset="folder", root=str(root), out=train, encoder=ENCODER, weights=weights, split="all",
+                          device="cpu", num_workers=args.workers, batch_size=32, shard_size=64, augment_views=views))
     rows = []
     for seed in args.seeds:
-        cfg = FitConfig(cache=caches["consep-all"], out=str(tmp / f"final-{seed}"), augment=augment, seed=seed,
-                        device="cpu", num_workers=args.workers, memory="ram", overwrite=True,
+        cfg = FitConfig(cache=train, out=str(tmp / f"final-{seed}"), augment=augment, seed=seed, device="cpu",
+                        num_workers=args.workers, memory="ram", overwrite=True,
                         **{k: v for k, v in (("epochs", args.epochs), ("lr", args.lr), ("batch_size", args.batch_size))
                            if v is not None})
         fit = fit_decoder(cfg, on_epoch=lambda e, n, m: print(f"  [final seed {seed}] epoch {e}/{n} loss "
                                                              f"{m['train_loss']:.3f}", flush=True))
-        score = score_run(fit.run_dir, caches["monuseg"], device="cpu", num_workers=args.workers, n_overlays=0,
-                          overwrite=True)
-        s = score.metrics["summary"]
-        rows.append({"variant": args.final, "seed": seed, "n_tiles": len(score.metrics["per_image"]), "pq": s["pq"], "dq": s["dq"], "sq": s["sq"], "aji": s["aji"],
-                     "precision": s["precision"], "recall": s["recall"], "fit_seconds": fit.seconds,
-                     "epochs": cfg.epochs, "per_image": per_source_image(score.out, GROUPS)})
+        rows.append(heldout_row(fit.run_dir, held, args.workers, f"{args.final}, all 27 CoNSeP images", seed))
     return rows
 
 
-def final_report(rows: list[dict], args, t0: float) -> None:
-    """``<name>_heldout``: the final models' class-agnostic scores on the MoNuSeg tiles, mean ± sd over seeds."""
-    table = [{"model": f"{args.final}, all 27 CoNSeP images", "test tiles": f"MoNuSeg, {rows[0]['n_tiles'] // 16} images, {rows[0]['n_tiles']} tiles",
-              "seeds": len(rows), **{k.upper(): _mean_sd([r[k] for r in rows]) for k in ("pq", "dq", "sq", "aji")},
-              "precision": _mean_sd([r["precision"] for r in rows]), "recall": _mean_sd([r["recall"] for r in rows]),
-              "fit s per seed": f"{statistics.mean(r['fit_seconds'] for r in rows):.0f}"}]
+def heldout_runs(args, tmp: Path) -> list[dict]:
+    """``--heldout RUN ...``: finished runs of this protocol (18 training images) scored on the MoNuSeg tiles."""
+    held = monuseg_cache(tmp, "packaged", args.workers)
+    rows = []
+    for run in map(Path, args.heldout):
+        record = json.loads((run / "config.json").read_text())
+        variant = next((v for v in VARIANTS if run.name.startswith(run_name(v, 0)[:-1])), run.name)
+        rows.append(heldout_row(run, held, args.workers, f"{variant}, 18 CoNSeP images", record["config"]["seed"]))
+    return rows
+
+
+def heldout_report(rows: list[dict], args, t0: float) -> None:
+    """``<name>_heldout``: class-agnostic scores on the MoNuSeg tiles per model, mean ± sd over seeds."""
+    table = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        rs = [r for r in rows if r["model"] == model]
+        consep = [r["consep_test_pq"] for r in rs if r["consep_test_pq"] is not None]
+        table.append({"model": model, "seeds": ", ".join(str(r["seed"]) for r in rs),
+                      "test tiles": f"MoNuSeg, {rs[0]['n_tiles'] // 16} images, {rs[0]['n_tiles']} tiles",
+                      **{k.upper(): _mean_sd([r[k] for r in rs]) for k in ("pq", "dq", "sq", "aji")},
+                      "precision": _mean_sd([r["precision"] for r in rs]),
+                      "recall": _mean_sd([r["recall"] for r in rs]),
+                      "CoNSeP test PQ (same runs)": _mean_sd(consep)})
     description = (
-        f"The final model: `{args.final}` trained with fit-decoder's defaults ({rows[0]['epochs']} epochs) on all 27 "
-        "CoNSeP training images (432 tiles; no validation split: the last epoch, the 40x preset's minimum area). "
-        "Scored on other held-out H&E tiles at 40x: the labelled MoNuSeg images of `../shared/realdata` (TCGA, "
-        "several organs) cut into 4 × 4 tiles of 256² (8 px overlap). MoNuSeg is class-agnostic, so only PQ, DQ, SQ, AJI are reported (mean over "
-        "tiles with nuclei, as for CoNSeP); MoNuSeg's annotation style differs from CoNSeP's (every nucleus "
-        "outlined), so compare with the CoNSeP test split's numbers as a transfer check, not as equal tasks.")
+        "Other held-out H&E tiles at 40x: the labelled MoNuSeg images of `../shared/realdata` (TCGA, several "
+        "organs) cut into 4 × 4 tiles of 256² (8 px overlap), scored class-agnostically (PQ, DQ, SQ, AJI; mean "
+        "over tiles with nuclei, as for CoNSeP) with each run's own post-processing (its tuned minimum area). "
+        "Models: runs of this benchmark's protocol (`--heldout RUN ...`: trained on the 18 CoNSeP training-split "
+        "images, their CoNSeP test PQ beside), or with `--final` the variant trained on all 27 CoNSeP images (no "
+        "validation: last epoch, the preset's minimum area). MoNuSeg outlines every nucleus, and its stains and "
+        "organs differ from CoNSeP's colorectal tiles: a transfer check, not the same task.")
 
     def plot(ax):
-        per = {}
-        for r in rows:
-            for p in r["per_image"]:
-                per.setdefault(p["image"], []).append(p["pq"])
-        order = sorted(per, key=lambda k: statistics.mean(per[k]))
-        ax.bar(range(len(order)), [statistics.mean(per[k]) for k in order])
-        ax.set_xticks(range(len(order)), [k[5:12] for k in order], rotation=90, fontsize=6)
-        ax.set_ylabel("PQ (pooled tiles)")
-        ax.set_title("final CoNSeP model on MoNuSeg images")
+        models = list(dict.fromkeys(r["model"] for r in rows))
+        for i, model in enumerate(models):
+            per = {}
+            for r in rows:
+                if r["model"] == model:
+                    for p in r["per_image"]:
+                        per.setdefault(p["image"], []).append(p["pq"])
+            order = sorted(per)
+            ax.bar([j + 0.8 * i / len(models) for j in range(len(order))], [statistics.mean(per[k]) for k in order],
+                   width=0.8 / len(models), label=model)
+            ax.set_xticks(range(len(order)), [k[5:12] for k in order], rotation=90, fontsize=6)
+        ax.set_ylabel("PQ (pooled tiles, mean over seeds)")
+        ax.set_title("CoNSeP models on MoNuSeg images")
+        ax.legend(fontsize=7)
 
     payload = {"machine": machine(), "args": vars(args), "rows": rows, "seconds": time.perf_counter() - t0,
                "description": description}
