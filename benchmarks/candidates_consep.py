@@ -100,6 +100,7 @@ def _all_views():
 
 
 TYPE_BRANCH = "types from a half-resolution branch (--type-branch)"
+FULL_SHUFFLE = "whole-split shuffle (--shuffle-buffer 288)"
 VIEWS_ONE = "4 augmented views per tile (extract --augment-views 4), one per epoch"
 VIEWS_ALL_4 = "4 augmented views per tile, all 5 served every epoch, 4 epochs (20 tile epochs)"
 VIEWS_ALL_8 = "4 augmented views per tile, all 5 served every epoch, 8 epochs (40 tile epochs)"
@@ -107,7 +108,7 @@ AFTER_TYPE_BRANCH = ("two 3×3 blocks per decoder level (--level-depth 2)",
                      "separate full-resolution stacks per map (--split-trunks)",
                      "all seven stage ends cached (blocks 0,2,4,7,10,14,15)",
                      "live encoder + full image-space augmentation",
-                     VIEWS_ONE, VIEWS_ALL_4, VIEWS_ALL_8)
+                     VIEWS_ONE, VIEWS_ALL_4, VIEWS_ALL_8, FULL_SHUFFLE)
 """Candidates tried once the type branch was the default: their baseline is the type-branch runs."""
 
 
@@ -131,6 +132,7 @@ CANDIDATES = {  # name: (fit options, extraction options, context manager factor
     "all seven stage ends cached (blocks 0,2,4,7,10,14,15)": ({}, {"blocks": "0,2,4,7,10,14,15"}, None),
     "live encoder + full image-space augmentation": ({"source": "live", "augment": "full"}, {}, None),
     VIEWS_ONE: ({}, {"views": 4}, None),
+    FULL_SHUFFLE: ({"shuffle_buffer": 288}, {}, None),  # the auto buffer holds 74 of the 288 training tiles
     VIEWS_ALL_4: ({"epochs": 4}, {"views": 4}, _all_views),
     VIEWS_ALL_8: ({"epochs": 8}, {"views": 4}, _all_views),
 }
@@ -225,14 +227,15 @@ def render(rows: list[dict]) -> None:
         ref_loss = [_at(b["history"], last, "train_loss") for b in base]
         ref_pq = [_at(b["history"], last, "val_pq") for b in base]
         ref_loss, ref_pq = [v for v in ref_loss if v is not None], [v for v in ref_pq if v is not None]
+        same = lambda refs: ", ".join(f"{v:.3f}" for v in refs) if refs else "other schedule"
         t = r["test"]
         secs = sorted(h["train_seconds"] for h in r["history"])
         table.append({
             "candidate": r["candidate"], "seed": r["seed"], "epochs run": f"{last} / {r['epochs']}",
-            "train loss at that epoch (defaults)": f"{_at(r['history'], last, 'train_loss'):.3f} ("
-                                                   + ", ".join(f"{v:.3f}" for v in ref_loss) + ")" if last else "n/a",
-            "val PQ at that epoch (defaults)": f"{_at(r['history'], last, 'val_pq'):.3f} ("
-                                               + ", ".join(f"{v:.3f}" for v in ref_pq) + ")" if last else "n/a",
+            "train loss at that epoch (defaults)": f"{_at(r['history'], last, 'train_loss'):.3f} ({same(ref_loss)})"
+                                                   if last else "n/a",
+            "val PQ at that epoch (defaults)": f"{_at(r['history'], last, 'val_pq'):.3f} ({same(ref_pq)})"
+                                               if last else "n/a",
             "best val PQ": f"{max(h['val_pq'] for h in r['history']):.3f}" if last else "n/a",
             "test PQ": f"{t['pq']:.3f}" if t else "stopped", "test mPQ+": f"{t['mpq_plus']:.3f}" if t else "",
             "test SQ": f"{t['sq']:.3f}" if t else "", "test DQ": f"{t['dq']:.3f}" if t else "",
@@ -246,7 +249,9 @@ def render(rows: list[dict]) -> None:
         "(in brackets, one value per seed of the defaults). Candidates tried after the type branch became the "
         f"default ({', '.join(AFTER_TYPE_BRANCH)}) compare with the type-branch runs instead (its seeds 1 and 2 "
         "are quality_consep.py's). Rows with another number of epochs (the augmented views served all at once, "
-        "each epoch 5 passes over the tiles) have no same-epoch comparison. A live run's train loss is measured on augmented tiles. Seconds per epoch depend on the threads and on "
+        "each epoch 5 passes over the tiles) have no same-epoch comparison; in them a tile's 5 views sit side by "
+        "side in a shard, so with the 74-sample shuffle buffer a batch often holds two views of one tile (the "
+        "loader's default, one view per tile per epoch, avoids that). A live run's train loss is measured on augmented tiles. Seconds per epoch depend on the threads and on "
         "what else ran on the 2 cores (candidates were screened two at a time with 1 thread each), so compare "
         "the decoder step in cache_vs_live.py instead.")
 
