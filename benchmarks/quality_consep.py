@@ -191,7 +191,7 @@ def main() -> None:
                                                            "(threads, what shared the cores), for the description")
     parser.add_argument("--final", default=None, choices=list(VARIANTS),
                         help="train this variant on all 27 CoNSeP images and score it on MoNuSeg tiles instead")
-    parser.add_argument("--heldout", nargs="+", default=None, metavar="RUN",
+    parser.add_argument("--heldout", nargs="+", default=None, metavar="[LABEL=]RUN",
                         help="score finished runs of this protocol on the MoNuSeg tiles instead of training")
     args = parser.parse_args()
     root = REALDATA / "consep_tiles256"
@@ -275,16 +275,22 @@ def heldout_row(run: Path, cache: str, workers: int, model: str, seed: int) -> d
     from cellembed.evaluate import score_run
 
     run = Path(run)
-    score = score_run(run, cache, out=run / "score-monuseg", device="cpu", num_workers=workers, n_overlays=0,
-                      overwrite=True)
-    s = score.metrics["summary"]
+    out = run / "score-monuseg"
+    done = out / "metrics.json"
+    if done.is_file() and done.stat().st_mtime > max((run / f).stat().st_mtime for f in ("model.safetensors",
+                                                                                         "config.json")):
+        metrics = json.loads(done.read_text())  # scored after the run last changed: reused
+    else:
+        metrics = score_run(run, cache, out=out, device="cpu", num_workers=workers, n_overlays=0,
+                            overwrite=True).metrics
+    s = metrics["summary"]
     consep = sorted(run.glob("score-*-test/metrics.json"))
     c = json.loads(consep[0].read_text())["summary"] if consep else {}
     record = json.loads((run / "config.json").read_text())
-    return {"model": model, "seed": seed, "run": str(run), "n_tiles": len(score.metrics["per_image"]),
+    return {"model": model, "seed": seed, "run": str(run), "n_tiles": len(metrics["per_image"]),
             "epochs": record["config"]["epochs"], "min_area": record["postprocess"]["min_area"],
             **{k: s[k] for k in ("pq", "dq", "sq", "aji", "precision", "recall")},
-            "consep_test_pq": c.get("pq"), "per_image": per_source_image(score.out, GROUPS)}
+            "consep_test_pq": c.get("pq"), "per_image": per_source_image(out, GROUPS)}
 
 
 def final_models(root: Path, args, tmp: Path) -> list[dict]:
@@ -317,9 +323,11 @@ def heldout_runs(args, tmp: Path) -> list[dict]:
     """``--heldout RUN ...``: finished runs of this protocol (18 training images) scored on the MoNuSeg tiles."""
     held = monuseg_cache(tmp, "packaged", args.workers)
     rows = []
-    for run in map(Path, args.heldout):
+    for item in args.heldout:  # RUN or LABEL=RUN
+        label, _, path = item.rpartition("=")
+        run = Path(path)
         record = json.loads((run / "config.json").read_text())
-        variant = next((v for v in VARIANTS if run.name.startswith(run_name(v, 0)[:-1])), run.name)
+        variant = label or next((v for v in VARIANTS if run.name.startswith(run_name(v, 0)[:-1])), run.name)
         rows.append(heldout_row(run, held, args.workers, f"{variant}, 18 CoNSeP images", record["config"]["seed"]))
     return rows
 
