@@ -2,9 +2,10 @@
 
 The numpy path (``_image.py`` over ``_table.py``) builds the overlap table, then derives PQ, AJI, AJI+ and the
 class counts with a few dozen array operations; at 256² and ~40 cells those calls, not the pixels, are most of
-the time. Here one numba function reads the (H, W) instance and type maps in place (any integer dtype, strided
-views of an (H, W, 2) array, no int64 copies), compacts the ids with lookup tables, fills the dense instance and
-(instance, class)-part overlap tables, and walks their non-zero entries for every statistic. Only AJI+'s
+the time. Here a few numba functions read the instance and type maps as (P, 1 or 2) pixel rows in their own
+integer dtype (no int64 copies; a copy only for a strided view), make two passes over the pixels (the id
+range, then runs of equal labels), compact the ids with lookup tables, fill the dense instance and
+(instance, class)-part overlap tables from the runs, and walk their non-zero entries for every statistic. Only AJI+'s
 Hungarian pairing of the ambiguous pairs (true or predicted ids overlapping more than one partner) goes back to
 ``scipy.optimize.linear_sum_assignment``, on the same small IoU matrix as the numpy path.
 
