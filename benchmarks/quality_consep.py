@@ -71,19 +71,24 @@ def cache_name(weights: str, views: int) -> str:
     return weights if not views else f"{weights}+views{views}"
 
 
+def extract_folder(root: Path, out: Path | str, weights: str, workers: int, **options):
+    """``extract`` of a folder dataset with this benchmark's encoder and settings (CPU, batch 32, 64-tile shards);
+    ``options``: further ``ExtractConfig`` fields (split, scheme, blocks, augment_views, ...)."""
+    from cellembed.cache import ExtractConfig, extract
+
+    return extract(ExtractConfig(dataset="folder", root=str(root), out=str(out), encoder=ENCODER, weights=weights,
+                                 device="cpu", num_workers=workers, batch_size=32, shard_size=64, **options))
+
+
 def extract_splits(root: Path, weights: str, tmp: Path, workers: int, blocks: str = "default",
                    views: int = 0) -> tuple[dict, float]:
     """Train / val / test caches of one encoder weighting (and block selection; ``views`` augmented copies of every
     training tile); returns their paths and the train + val seconds."""
-    from cellembed.cache import ExtractConfig, extract
-
     paths, seconds = {}, 0.0
     for split in ("train", "val", "test"):
         out = tmp / (f"{weights}-{split}" if split != "train" or not views else f"{weights}-{split}-views{views}")
-        res = extract(ExtractConfig(dataset="folder", root=str(root), out=str(out), encoder=ENCODER, weights=weights,
-                                    split=split, scheme="cisca", device="cpu", num_workers=workers, batch_size=32,
-                                    shard_size=64, dataset_options={"group_regex": GROUPS}, blocks=blocks,
-                                    augment_views=views if split == "train" else 0))
+        res = extract_folder(root, out, weights, workers, split=split, scheme="cisca", blocks=blocks,
+                             dataset_options={"group_regex": GROUPS}, augment_views=views if split == "train" else 0)
         paths[split] = str(out)
         if split != "test":
             seconds += res.seconds
@@ -261,12 +266,9 @@ CONSEP_CLASSES = ["background", "other", "inflammatory", "epithelial", "spindle-
 
 def monuseg_cache(tmp: Path, weights: str, workers: int) -> str:
     """The MoNuSeg tiles' cache for the packaged (or random) encoder (resumed when already there)."""
-    from cellembed.cache import ExtractConfig, extract
-
     held = monuseg_tiles(tmp / "monuseg-tiles", CONSEP_CLASSES)
     out = str(tmp / f"{weights}-monuseg")
-    extract(ExtractConfig(dataset="folder", root=str(held), out=out, encoder=ENCODER, weights=weights, split="all",
-                          device="cpu", num_workers=workers, batch_size=32, shard_size=64))
+    extract_folder(held, out, weights, workers, split="all")
     return out
 
 
@@ -297,7 +299,6 @@ def final_models(root: Path, args, tmp: Path) -> list[dict]:
     """``--final``: the variant ``args.final`` trained with fit-decoder's defaults on all 27 CoNSeP images (432 tiles;
     no validation split, so the last epoch is kept and the preset's minimum area is used), scored on the labelled
     MoNuSeg images cut into tiles (other held-out H&E tiles at 40x)."""
-    from cellembed.cache import ExtractConfig, extract
     from cellembed.train import FitConfig, fit_decoder
 
     weights, source, augment, views = VARIANTS[args.final]
@@ -305,8 +306,7 @@ def final_models(root: Path, args, tmp: Path) -> list[dict]:
         raise SystemExit(f"--final trains a cache variant; {args.final!r} is not one")
     held = monuseg_cache(tmp, weights, args.workers)
     train = str(tmp / f"{weights}-consep-all")
-    extract(ExtractConfig(dataset="folder", root=str(root), out=train, encoder=ENCODER, weights=weights, split="all",
-                          device="cpu", num_workers=args.workers, batch_size=32, shard_size=64, augment_views=views))
+    extract_folder(root, train, weights, args.workers, split="all", augment_views=views)
     rows = []
     for seed in args.seeds:
         cfg = FitConfig(cache=train, out=str(tmp / f"final-{seed}"), augment=augment, seed=seed, device="cpu",
@@ -321,11 +321,16 @@ def final_models(root: Path, args, tmp: Path) -> list[dict]:
 
 def heldout_runs(args, tmp: Path) -> list[dict]:
     """``--heldout RUN ...``: finished runs of this protocol (18 training images) scored on the MoNuSeg tiles."""
-    held = monuseg_cache(tmp, "packaged", args.workers)
-    rows = []
+    runs = []
     for item in args.heldout:  # RUN or LABEL=RUN
         label, _, path = item.rpartition("=")
-        run = Path(path)
+        if not (Path(path) / "model.safetensors").is_file():
+            raise SystemExit(f"--heldout {item}: {path} is not a finished run (no model.safetensors); give a run "
+                             "folder of fit-decoder")
+        runs.append((label, Path(path)))
+    held = monuseg_cache(tmp, "packaged", args.workers)
+    rows = []
+    for label, run in runs:
         record = json.loads((run / "config.json").read_text())
         variant = label or next((v for v in VARIANTS if run.name.startswith(run_name(v, 0)[:-1])), run.name)
         rows.append(heldout_row(run, held, args.workers, f"{variant}, 18 CoNSeP images", record["config"]["seed"]))

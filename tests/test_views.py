@@ -1,5 +1,6 @@
 """extract --augment-views: K augmented copies per training tile, one view per tile per epoch in the loader."""
 
+import json
 from collections import Counter
 
 import numpy as np
@@ -91,7 +92,6 @@ def test_fit_on_a_views_cache_trains_and_records_the_views(caches, tmp_path):
     fit = fit_decoder(FitConfig(cache=str(views.path), val_cache=str(val.path), out=str(tmp_path / "run"), epochs=2,
                                 device="cpu", num_workers=0, batch_size=4, decoder="light"))
     assert fit.best is not None and np.isfinite(fit.best["value"])
-    import json
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     assert record["identity"]["augment_views"]["views"] == 3
 

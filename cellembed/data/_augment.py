@@ -436,6 +436,6 @@ class AugmentedViews:
         if v == 0:
             return tile
         image, inst_map, type_map = augment_tile(tile.image, tile.inst_map, tile.type_map,
-                                                 tile_rng(self.seed, v, i), self.config)
-        return tile._replace(key=self.keys[j], image=image, inst_map=relabel(inst_map), type_map=type_map,
+                                                 tile_rng(self.seed, v, i), self.config)  # ids stay 1..N
+        return tile._replace(key=self.keys[j], image=image, inst_map=inst_map, type_map=type_map,
                              meta={**tile.meta, "view": v})
