@@ -410,6 +410,56 @@ def score(
         console.print(f"[green]wrote[/] {json_out}")
 
 
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="A run from `cellembed fit-decoder` (cisca or hovernet head)."),
+    inputs: list[Path] = typer.Argument(..., help="Images (PNG, JPEG, TIFF) of any size and / or whole-slide images "
+                                        "(.svs, .ndpi, pyramidal TIFF, ... read with tiffslide)."),
+    out: Path = typer.Option(..., help="Output folder: per input <name>.geojson, <name>.cells.csv, "
+                             "<name>.overlay.png; predictions.npy for same-sized images; predict.json."),
+    mpp: str | None = typer.Option(None, help="Input pixel size in µm (overrides the file's), or 'run': already at "
+                                   "the run's pixel size. Needed for PNG / JPEG (no metadata)."),
+    target_mpp: float | None = typer.Option(None, help="The run's pixel size in µm (default: 0.25 for a 40x run, "
+                                            "0.5 for 20x); inputs are resampled to it."),
+    tissue: str = typer.Option("auto", help="auto | on | off: skip tiles without tissue (found on a thumbnail); "
+                               "auto = on for whole slides, off for images."),
+    region: int = typer.Option(2048, min=64, help="Side of the regions post-processed one at a time (memory)."),
+    batch_size: int = typer.Option(16, min=1, help="Tiles per encoder + decoder batch."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    weights: str | None = typer.Option(None, help="Encoder weights file, when the run's encoder came from one."),
+    overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
+):
+    """Predict cells on images of any size and whole slides: seam-free tiled inference, GeoJSON for QuPath,
+    a cell table and an overlay per input."""
+    from cellembed.predict import InputError, PredictConfig
+    from cellembed.predict import predict as run_predict
+
+    if mpp is not None and mpp != "run":
+        try:
+            mpp = float(mpp)
+        except ValueError:
+            _fail(ValueError(f"--mpp {mpp!r}: give microns per pixel (e.g. 0.25) or 'run'"))
+    config = PredictConfig(run=str(run), inputs=[str(p) for p in inputs], out=str(out), mpp=mpp,
+                           target_mpp=target_mpp, tissue=tissue, region=region, batch_size=batch_size,
+                           device=device, weights=weights, overwrite=overwrite)
+    try:
+        with _progress_bar() as bar:
+            task = {"id": None, "t0": 0.0}
+
+            def progress(done: int, total: int) -> None:
+                if task["id"] is None:
+                    task["id"], task["t0"] = bar.add_task("predict", total=total, rate=""), time.perf_counter()
+                rate = done / max(time.perf_counter() - task["t0"], 1e-9)
+                bar.update(task["id"], completed=done, rate=f"{rate:6.1f} tiles/s")
+
+            result = run_predict(config, on_progress=progress, log=lambda line: bar.console.print(line, highlight=False))
+    except (InputError, FileExistsError, *USER_ERRORS) as err:
+        _fail(err)
+    cells = sum(i["cells"] for i in result.images)
+    console.print(f"[green]wrote[/] {result.out}: {cells} cells from {len(result.images)} input(s) "
+                  f"({result.seconds:.1f} s): *.geojson, *.cells.csv, *.overlay.png, predict.json")
+
+
 def _print_scores(result: dict, title: str) -> None:
     table = Table(title=title)
     table.add_column("metric")

@@ -1,0 +1,393 @@
+"""``cellembed predict``: a trained run on images of any size and on whole slides.
+
+For each input: open it (``_input``), decide the resampling from its pixel size and the run's, optionally find
+the tissue on a thumbnail, then for each region of the global tile grid (``_tiling``) read the region's tiles,
+run the frozen encoder and the run's decoder on batches of tiles, blend the tiles' maps into the region,
+post-process the region with the run's own post-processing, and keep the cells whose centroid lies in the core.
+Cells stream to GeoJSON and a CSV cell table (``_export``) and onto a thumbnail overlay; plain images also get
+their stitched (H, W, 2) instance / type map, and a set of same-sized images the CoNIC array
+``predictions.npy`` (N, H, W, 2).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cellembed.predict._export import Cell, CellWriter, Overlay, polygon
+from cellembed.predict._input import MAGNIFICATION_MPP, Input, InputError, open_input, resolve_scale
+from cellembed.predict._tiling import Grid, Region, read_padded
+
+ProgressFn = Callable[[int, int], None]  # (tiles done, tiles in all inputs)
+TISSUE_THUMB = 2048
+"""Longer side of the thumbnail that tissue detection and the overlay are drawn on."""
+
+
+@dataclass
+class PredictConfig:
+    """Options of ``cellembed predict`` (see its ``--help``)."""
+
+    run: str
+    inputs: list[str]
+    out: str
+    mpp: str | float | None = None
+    target_mpp: float | None = None
+    tissue: str = "auto"
+    region: int = 2048
+    batch_size: int = 16
+    device: str = "auto"
+    weights: str | None = None
+    overwrite: bool = False
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    images: list[dict]
+    seconds: float
+
+
+def encoder_for_run(record: dict, device: torch.device, weights: str | None = None):
+    """The frozen encoder whose features the run was trained on, rebuilt from its recorded identity.
+
+    Raises:
+        InputError: the rebuilt weights differ from the run's (or were a file and ``weights`` is not given).
+    """
+    from cellembed.encoders import build_encoder
+
+    ident = record["identity"]["encoder"]
+    wid = ident["weights_id"]
+    source, _, rest = wid.partition(":")
+    seed = 0
+    if weights is None:
+        if source == "file":
+            raise InputError(f"the run's encoder weights came from a file ({wid}); pass --weights PATH to that file")
+        weights = source
+        if source == "random":
+            seed = int(rest.partition("seed=")[2] or 0)
+    enc = build_encoder(ident["encoder"], blocks=list(ident["blocks"]), weights=weights,
+                        input_policy=ident["input_policy"], tile_size=record["tile_size"], device=device, seed=seed)
+    if enc.weights_id != wid:
+        raise InputError(f"encoder weights {enc.weights_id} differ from the run's ({wid}); pass --weights with the "
+                         "weights the run was trained on")
+    return enc
+
+
+def tissue_mask(thumb: np.ndarray) -> np.ndarray:
+    """Boolean tissue mask of an RGB thumbnail: saturation above Otsu's threshold of the image (at least 0.05) or
+    darker than 0.8, closed and with specks under 0.1 % of the thumbnail removed."""
+    from scipy import ndimage
+    from skimage.color import rgb2hsv
+    from skimage.filters import threshold_otsu
+
+    hsv = rgb2hsv(thumb)
+    sat, val = hsv[..., 1], hsv[..., 2]
+    t = max(0.05, float(threshold_otsu(sat)) if sat.max() > sat.min() else 0.05)
+    mask = (sat > t) | (val < 0.8)
+    mask = ndimage.binary_closing(mask, np.ones((5, 5), bool))
+    lab, n = ndimage.label(mask)
+    if n:
+        sizes = np.bincount(lab.ravel())
+        keep = sizes >= max(1, 0.001 * mask.size)
+        keep[0] = False
+        mask = keep[lab]
+    return mask
+
+
+class Predictor:
+    """A run ready to predict: its decoder, the encoder it was trained on, its post-processing."""
+
+    def __init__(self, run_path: str | Path, device: str = "auto", weights: str | None = None,
+                 batch_size: int = 16):
+        from cellembed.cache._extract import DTYPES
+        from cellembed.evaluate._run import _device, load_run
+
+        self.device = _device(device)
+        self.run = load_run(run_path, self.device)
+        if self.run.post.head not in ("cisca", "hovernet"):
+            raise InputError(f"{run_path}: a {self.run.post.head!r} run has no instances; predict needs a cisca or "
+                             "hovernet run")
+        self.record = self.run.record
+        self.tile = int(self.record["tile_size"])
+        self.encoder = encoder_for_run(self.record, self.device, weights)
+        self.dtype = self.record["identity"].get("dtype", "fp32")
+        self.store = DTYPES[self.dtype]
+        names = [lv.name for lv in self.encoder.levels]
+        wanted = [lv["name"] for lv in self.record["levels"]]
+        missing = [n for n in wanted if n not in names]
+        if missing:
+            raise InputError(f"the rebuilt encoder lacks the run's levels {missing}")
+        self.level_idx = [names.index(n) for n in wanted]
+        self.batch_size = int(batch_size)
+        self.class_names = list(self.record["class_names"])
+
+    @property
+    def magnification(self) -> str:
+        return self.record["config"].get("magnification", "40x")
+
+    @torch.no_grad()
+    def maps(self, tiles: np.ndarray) -> dict[str, np.ndarray]:
+        """Activated maps {key: (B, k, T, T) float32} of a (B, T, T, 3) uint8 batch of tiles."""
+        from cellembed.cache._loader import Batch
+        from cellembed.evaluate._predict import decoder_maps
+        from cellembed.train._live import _encode
+
+        images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous().to(self.device)
+        feats = _encode(self.encoder, images, self.dtype, self.device)
+        feats = [feats[i].to(self.store).to(torch.float32, copy=True) for i in self.level_idx]
+        _, maps = decoder_maps(self.run.model, Batch(feats, images, {}, []), self.device)
+        return maps
+
+    def region_maps(self, inp: Input, grid: Grid, region: Region, scale: float, skip: set | None,
+                    on_tiles: Callable[[int], None]) -> dict[str, np.ndarray] | None:
+        """Blended maps of a region's extent (cropped to the image); None when all its tiles are skipped."""
+        tiles = [t for t in region.tiles if skip is None or t not in skip]
+        if not tiles:
+            return None
+        h, w = region.extent_shape
+        pixels = read_padded(lambda a, b, c, d: inp.read(a, b, c, d, scale), region.ey0, region.ey1, region.ex0,
+                             region.ex1, grid.height, grid.width)
+        acc, weight = None, np.zeros((h, w), np.float32)
+        T = self.tile
+        for i in range(0, len(tiles), self.batch_size):
+            chunk = tiles[i:i + self.batch_size]
+            origins = [grid.tile_origin(r, c) for r, c in chunk]
+            batch = np.stack([pixels[y - region.ey0:y - region.ey0 + T, x - region.ex0:x - region.ex0 + T]
+                              for y, x in origins])
+            maps = self.maps(batch)
+            if acc is None:
+                acc = {k: np.zeros((v.shape[1], h, w), np.float32) for k, v in maps.items()}
+            for j, ((r, c), (y, x)) in enumerate(zip(chunk, origins)):
+                win = grid.window(r, c)
+                ys, xs = slice(y - region.ey0, y - region.ey0 + T), slice(x - region.ex0, x - region.ex0 + T)
+                weight[ys, xs] += win
+                for k, v in maps.items():
+                    acc[k][:, ys, xs] += v[j] * win
+            on_tiles(len(chunk))
+        covered = weight > 0
+        for k, a in acc.items():
+            a[:, covered] /= weight[covered]
+        _fill_background(acc, ~covered, self.run.post.head)
+        ch, cw = min(region.ey1, grid.height) - region.ey0, min(region.ex1, grid.width) - region.ex0
+        return {k: np.ascontiguousarray(a[:, :ch, :cw]) for k, a in acc.items()}
+
+    def region_cells(self, maps: dict[str, np.ndarray], region: Region):
+        """Instances of a region's maps whose centroid lies in its core: yields (instance id, pixel slice, mask,
+        centroid (y, x), class id, class probability) in region coordinates, and the region's instance map."""
+        from scipy import ndimage
+
+        inst, types = self.run.post.instances(maps)
+        n = int(inst.max())
+        if n == 0:
+            return inst, types, []
+        flat = inst.ravel()
+        area = np.bincount(flat, minlength=n + 1)
+        yy, xx = np.indices(inst.shape)
+        cy = np.bincount(flat, yy.ravel(), minlength=n + 1) / np.maximum(area, 1)
+        cx = np.bincount(flat, xx.ravel(), minlength=n + 1) / np.maximum(area, 1)
+        key = "types" if "types" in maps else ("nc" if "nc" in maps else None)
+        kept = []
+        boxes = ndimage.find_objects(inst)
+        for i in range(1, n + 1):
+            y, x = cy[i] + region.ey0, cx[i] + region.ex0
+            if area[i] == 0 or not (region.y0 <= y < region.y1 and region.x0 <= x < region.x1):
+                continue
+            box = boxes[i - 1]
+            mask = inst[box] == i
+            t = int(np.bincount(types[box][mask]).argmax()) if types is not None else 1
+            prob = float(maps[key][t][box][mask].mean()) if key is not None and t < maps[key].shape[0] else 1.0
+            kept.append((i, box, mask, (y, x), max(t, 1), prob, int(area[i])))
+        return inst, types, kept
+
+
+class SeamGuard:
+    """Drops a cell kept by a region when a neighbouring region already kept a version of it.
+
+    Two regions that segment a nucleus on their shared edge slightly differently may each find the centroid of
+    their own version inside their own core. Cells within ``reach`` pixels of their region's core edge are
+    remembered (box and mask, for the current and the previous row of regions); a new cell overlapping one of
+    them by more than ``DUPLICATE_OVERLAP`` of the smaller cell is a duplicate, and the first version (raster
+    order of regions) stays. Memory: the edge cells of two rows of regions.
+    """
+
+    DUPLICATE_OVERLAP = 0.2
+
+    def __init__(self, reach: int):
+        self.reach, self.rows, self.dropped = reach, {}, 0
+
+    def admit(self, region: Region, y0: int, x0: int, mask: np.ndarray) -> bool:
+        """Whether the cell (mask with its top-left pixel at image (y0, x0)) is new; remembers it if near an edge."""
+        h, w = mask.shape
+        r = self.reach
+        if not (y0 < region.y0 + r or x0 < region.x0 + r or y0 + h > region.y1 - r or x0 + w > region.x1 - r):
+            return True
+        if region.y0 not in self.rows:  # a new row of regions: keep only the row above it
+            above = max((k for k in self.rows if k < region.y0), default=None)
+            self.rows = {k: v for k, v in self.rows.items() if k == above}
+            self.rows[region.y0] = []
+        area = int(np.count_nonzero(mask))
+        for cells in self.rows.values():
+            for oy, ox, other, oarea, origin in cells:
+                if origin == (region.y0, region.x0):
+                    continue
+                ay, by = max(y0, oy), min(y0 + h, oy + other.shape[0])
+                ax, bx = max(x0, ox), min(x0 + w, ox + other.shape[1])
+                if ay >= by or ax >= bx:
+                    continue
+                inter = int(np.count_nonzero(mask[ay - y0:by - y0, ax - x0:bx - x0] &
+                                             other[ay - oy:by - oy, ax - ox:bx - ox]))
+                if inter > self.DUPLICATE_OVERLAP * min(area, oarea):
+                    self.dropped += 1
+                    return False
+        self.rows[region.y0].append((y0, x0, mask, area, (region.y0, region.x0)))
+        return True
+
+
+def _fill_background(acc: dict[str, np.ndarray], empty: np.ndarray, head: str) -> None:
+    """Pixels no tile covered (skipped background): background with certainty, flat regression maps."""
+    if not empty.any():
+        return
+    for k, a in acc.items():
+        a[:, empty] = 0.0
+    if head == "cisca":
+        acc["classes"][2, empty] = 1.0
+        if "types" in acc:
+            acc["types"][0, empty] = 1.0
+    else:
+        acc["np"][0, empty] = 1.0
+        if "nc" in acc:
+            acc["nc"][0, empty] = 1.0
+
+
+def _skipped_tiles(inp: Input, grid: Grid, scale: float, thumb: np.ndarray, per_px: float) -> set:
+    """Tiles of the grid with under 1 % tissue in the thumbnail's tissue mask."""
+    mask = tissue_mask(thumb)
+    f = scale / per_px  # thumbnail pixels per run pixel
+    skip = set()
+    for r in range(grid.rows):
+        for c in range(grid.cols):
+            y, x = grid.tile_origin(r, c)
+            a, b = int(y * f), max(int((y + grid.tile) * f), int(y * f) + 1)
+            cc, d = int(x * f), max(int((x + grid.tile) * f), int(x * f) + 1)
+            part = mask[a:b, cc:d]
+            if part.size == 0 or part.mean() < 0.01:
+                skip.add((r, c))
+    return skip
+
+
+def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: Callable[[str], None] = print
+            ) -> PredictResult:
+    """Predict every input of ``config`` with its run; see the module docstring. Returns what was written."""
+    t0 = time.perf_counter()
+    out = Path(config.out)
+    if out.exists() and any(out.iterdir()) and not config.overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor(config.run, config.device, config.weights, config.batch_size)
+    target = config.target_mpp or MAGNIFICATION_MPP.get(predictor.magnification, 0.25)
+    mpp_value = None if config.mpp in (None, "run") else float(config.mpp)
+    if config.tissue not in ("auto", "on", "off"):
+        raise ValueError(f"tissue must be auto, on or off, got {config.tissue!r}")
+    # open everything first: a bad input fails before any work
+    prepared = []
+    for path in config.inputs:
+        inp = open_input(path, mpp_value)
+        scale = resolve_scale(inp, target, config.mpp)
+        h, w = int(inp.height / scale), int(inp.width / scale)
+        grid = Grid(h, w, predictor.tile, config.region)
+        use_tissue = config.tissue == "on" or (config.tissue == "auto" and inp.slide)
+        thumb, per_px = inp.thumbnail(TISSUE_THUMB)
+        skip = _skipped_tiles(inp, grid, scale, thumb, per_px) if use_tissue else None
+        prepared.append((inp, scale, grid, skip, thumb, per_px))
+    stems = _unique_stems([p[0] for p in prepared])
+    total = sum(sum(1 for r in g.regions() for t in r.tiles if not s or t not in s) for _, _, g, s, _, _ in prepared)
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if on_progress is not None:
+            on_progress(done[0], total)
+
+    images, label_maps = [], []
+    for (inp, scale, grid, skip, thumb, per_px), stem in zip(prepared, stems):
+        started = time.perf_counter()
+        writer = CellWriter(out, stem, inp.path.name, predictor.class_names, inp.mpp * scale if inp.mpp else None)
+        overlay = Overlay(thumb, per_px)
+        labels = None if inp.slide else np.zeros((grid.height, grid.width, 2), np.int32)
+        next_id, overlap_px, duplicates, oversized = 1, 0, 0, 0
+        guard = SeamGuard(grid.stride)
+        try:
+            for region in grid.regions():
+                maps = predictor.region_maps(inp, grid, region, scale, skip, tick)
+                if maps is None:
+                    continue
+                inst, types, kept = predictor.region_cells(maps, region)
+                for i, box, mask, (cy, cx), t, prob, area in kept:
+                    by, bx = box[0].start + region.ey0, box[1].start + region.ex0
+                    if not guard.admit(region, by, bx, mask):
+                        continue
+                    oversized += max(mask.shape) > grid.stride
+                    ring = polygon(mask, by, bx, scale)
+                    cell = Cell(next_id, (cx + 0.5) * scale, (cy + 0.5) * scale, area, t, prob, ring)
+                    writer.add(cell)
+                    overlay.add(ring, t)
+                    if labels is not None:
+                        view = labels[by:by + mask.shape[0], bx:bx + mask.shape[1]]
+                        taken = int(np.count_nonzero(view[..., 0][mask]))
+                        overlap_px += taken
+                        duplicates += taken > 0.2 * area
+                        view[mask] = (next_id, t)
+                    next_id += 1
+        except BaseException:
+            writer.abort()
+            raise
+        finally:
+            inp.close()
+        writer.close()
+        overlay.save(out / f"{stem}.overlay.png")
+        if labels is not None:
+            label_maps.append(labels)
+        seconds = time.perf_counter() - started
+        images.append({"input": str(inp.path), "stem": stem, "cells": writer.n, "height": grid.height,
+                       "width": grid.width, "scale": scale, "mpp": inp.mpp, "target_mpp": target,
+                       "regions": grid.n_regions(), "tiles_skipped": len(skip or ()), "seam_duplicates_dropped": guard.dropped,
+                       "cells_wider_than_margin": oversized,
+                       "seconds": round(seconds, 3),
+                       **({"overlap_px": overlap_px, "duplicates": duplicates} if labels is not None else {}),
+                       "geojson": writer.geojson.name, "cells_csv": writer.csv_path.name,
+                       "overlay": f"{stem}.overlay.png"})
+        if oversized:
+            log(f"warning: {inp.path.name}: {oversized} cells are wider than the {grid.stride} px margin between "
+                "regions; such cells can be cut or kept twice at region edges (raise --region, or check the run's "
+                "magnification against the input's)")
+        log(f"{inp.path.name}: {writer.n} cells in {seconds:.1f} s ({grid.height} × {grid.width} px at "
+            f"{target} µm/px, {grid.n_regions()} regions)")
+    if label_maps and len(label_maps) == len(prepared) and len({m.shape for m in label_maps}) == 1:
+        np.save(out / "predictions.npy", np.stack(label_maps))
+        (out / "names.txt").write_text("".join(f"{s}\n" for s in stems))
+    elif label_maps:
+        for (inp, *_), stem, labels in zip([p for p in prepared if not p[0].slide], stems, label_maps):
+            np.save(out / f"{stem}.labels.npy", labels)
+    seconds = time.perf_counter() - t0
+    (out / "predict.json").write_text(json.dumps({
+        "run": str(config.run), "class_names": predictor.class_names, "target_mpp": target,
+        "tile": predictor.tile, "stride": predictor.tile // 2, "region": config.region,
+        "postprocess": predictor.run.post.to_dict(), "device": str(predictor.device), "images": images,
+        "seconds": round(seconds, 3)}, indent=2))
+    return PredictResult(out, images, seconds)
+
+
+def _unique_stems(inputs: list[Input]) -> list[str]:
+    seen: dict[str, int] = {}
+    stems = []
+    for inp in inputs:
+        n = seen.get(inp.name, 0)
+        seen[inp.name] = n + 1
+        stems.append(inp.name if n == 0 else f"{inp.name}-{n}")
+    return stems
