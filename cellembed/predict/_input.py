@@ -161,6 +161,7 @@ def open_input(path: str | Path, mpp: float | None = None) -> Input:
         else:
             from PIL import Image
 
+            Image.MAX_IMAGE_PIXELS = None  # the user's own large field of view, not a decompression bomb
             with Image.open(path) as im:
                 array = np.asarray(im.convert("RGB"))
             found = None

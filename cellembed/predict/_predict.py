@@ -25,6 +25,8 @@ from cellembed.predict._input import MAGNIFICATION_MPP, Input, InputError, open_
 from cellembed.predict._tiling import Grid, Region, read_padded
 
 ProgressFn = Callable[[int, int], None]  # (tiles done, tiles in all inputs)
+RASTER_MAX_PIXELS = 4096 * 4096
+"""Plain images up to this size (at the run's resolution) also get their (H, W, 2) instance / type raster."""
 TISSUE_THUMB = 2048
 """Longer side of the thumbnail that tissue detection and the overlay are drawn on."""
 
@@ -314,12 +316,14 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
         if on_progress is not None:
             on_progress(done[0], total)
 
-    images, label_maps = [], []
+    images, label_maps = [], {}
     for (inp, scale, grid, skip, thumb, per_px), stem in zip(prepared, stems):
         started = time.perf_counter()
-        writer = CellWriter(out, stem, inp.path.name, predictor.class_names, inp.mpp * scale if inp.mpp else None)
+        run_mpp = inp.mpp * scale if inp.mpp else (target if config.mpp == "run" else None)
+        writer = CellWriter(out, stem, inp.path.name, predictor.class_names, run_mpp)
         overlay = Overlay(thumb, per_px)
-        labels = None if inp.slide else np.zeros((grid.height, grid.width, 2), np.int32)
+        raster = not inp.slide and grid.height * grid.width <= RASTER_MAX_PIXELS
+        labels = np.zeros((grid.height, grid.width, 2), np.int32) if raster else None
         next_id, overlap_px, duplicates, oversized = 1, 0, 0, 0
         guard = SeamGuard(grid.stride)
         try:
@@ -352,7 +356,7 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
         writer.close()
         overlay.save(out / f"{stem}.overlay.png")
         if labels is not None:
-            label_maps.append(labels)
+            label_maps[stem] = labels
         seconds = time.perf_counter() - started
         images.append({"input": str(inp.path), "stem": stem, "cells": writer.n, "height": grid.height,
                        "width": grid.width, "scale": scale, "mpp": inp.mpp, "target_mpp": target,
@@ -368,11 +372,11 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
                 "magnification against the input's)")
         log(f"{inp.path.name}: {writer.n} cells in {seconds:.1f} s ({grid.height} × {grid.width} px at "
             f"{target} µm/px, {grid.n_regions()} regions)")
-    if label_maps and len(label_maps) == len(prepared) and len({m.shape for m in label_maps}) == 1:
-        np.save(out / "predictions.npy", np.stack(label_maps))
+    if label_maps and len(label_maps) == len(prepared) and len({m.shape for m in label_maps.values()}) == 1:
+        np.save(out / "predictions.npy", np.stack(list(label_maps.values())))
         (out / "names.txt").write_text("".join(f"{s}\n" for s in stems))
-    elif label_maps:
-        for (inp, *_), stem, labels in zip([p for p in prepared if not p[0].slide], stems, label_maps):
+    else:
+        for stem, labels in label_maps.items():
             np.save(out / f"{stem}.labels.npy", labels)
     seconds = time.perf_counter() - t0
     (out / "predict.json").write_text(json.dumps({
