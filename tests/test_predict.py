@@ -218,6 +218,17 @@ def test_outputs_geojson_csv_overlay_and_conic_array(tiny_run, tmp_path):
         assert overlay.shape == (160, 160, 3)
 
 
+def test_image_smaller_than_a_tile_and_non_square(tiny_run, tmp_path):
+    t = make_synthetic_tile(9, 0, size=160)
+    path = tmp_path / "small.png"
+    Image.fromarray(t.image[:100, :70]).save(path)
+    res = predict(PredictConfig(run=str(tiny_run), inputs=[str(path)], out=str(tmp_path / "o"), mpp="run",
+                                device="cpu"), log=lambda s: None)
+    labels = np.load(tmp_path / "o" / "predictions.npy")
+    assert labels.shape == (1, 100, 70, 2)
+    assert res.images[0]["cells"] == len(np.unique(labels[0, ..., 0])) - 1
+
+
 def _write_slide(path: Path, image: np.ndarray, mpp: float) -> None:
     import tifffile
 
