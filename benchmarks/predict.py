@@ -2,7 +2,7 @@
 
 Each slide is a pyramidal TIFF (0.25 µm/px, 2 levels) made by repeating a synthetic 1024² field, so cell density is
 the same at every size; each size is predicted in a fresh subprocess (peak RSS = that process's ``ru_maxrss``),
-tissue detection on, the default region (2048 px). Memory should stay flat as the slide grows: only one region's
+tissue detection on, regions of 1024 px (``--region``). Memory should stay flat as the slide grows: only one region's
 maps, the tiles of one batch and the cells near region edges are held.
 
     python benchmarks/predict.py [--run RUN] [--sizes 1024 2048 4096 8192]
@@ -32,7 +32,7 @@ torch.set_num_threads(int(sys.argv[4]))
 from cellembed.predict import PredictConfig, predict
 t0 = time.perf_counter()
 res = predict(PredictConfig(run=sys.argv[1], inputs=[sys.argv[2]], out=sys.argv[3], device=sys.argv[5],
-                            overwrite=True), log=lambda s: None)
+                            region=int(sys.argv[6]), overwrite=True), log=lambda s: None)
 info = res.images[0]
 rec = json.load(open(sys.argv[3] + "/predict.json"))
 print(json.dumps({"seconds": time.perf_counter() - t0, "predict_seconds": info["seconds"], "cells": info["cells"],
@@ -80,6 +80,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--region", type=int, default=1024,
+                        help="predict's --region (smaller than the default 2048, so that memory is seen flat over "
+                             "several multi-region sizes)")
     parser.add_argument("--name", default=None, help="results name (default predict_<cpu|gpu>)")
     args = parser.parse_args()
     t0 = time.perf_counter()
@@ -90,7 +93,7 @@ def main() -> None:
         slide = work / f"slide{side}.tif"
         make_slide(slide, side)
         out = subprocess.run([sys.executable, "-c", CHILD, str(run), str(slide), str(work / f"out{side}"),
-                              str(args.threads), args.device], capture_output=True, text=True)
+                              str(args.threads), args.device, str(args.region)], capture_output=True, text=True)
         if out.returncode:
             raise SystemExit(f"predict on the {side}² slide failed:\n{out.stderr[-3000:]}")
         r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -108,7 +111,7 @@ def main() -> None:
     description = (
         f"`cellembed predict` on synthetic pyramidal TIFF slides at 0.25 µm/px (a synthetic 1024² field repeated, the "
         f"right quarter blank), run `{run.name}` ({'given' if args.run else 'a quick synthetic run'}), "
-        f"{args.threads} torch threads, device {args.device}, tissue detection on, region 2048 px. Each size in a "
+        f"{args.threads} torch threads, device {args.device}, tissue detection on, region {args.region} px. Each size in a "
         "fresh process: 'peak RSS' is its maximum resident memory (Python, torch, the encoder and decoder included); "
         "'predict s' covers reading, encoder, decoder, blending, post-processing and writing GeoJSON / CSV / overlay.")
 

@@ -348,6 +348,8 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
                         duplicates += taken > 0.2 * area
                         view[mask] = (next_id, t)
                     next_id += 1
+                del maps, inst, types, kept
+                _release_memory()
         except BaseException:
             writer.abort()
             raise
@@ -385,6 +387,24 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
         "postprocess": predictor.run.post.to_dict(), "device": str(predictor.device), "images": images,
         "seconds": round(seconds, 3)}, indent=2))
     return PredictResult(out, images, seconds)
+
+
+def _release_memory() -> None:
+    """Hand the freed heap of the last region back to the OS (glibc ``malloc_trim``), so that resident memory
+    follows the live region instead of creeping up with fragmentation; a no-op elsewhere."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 
 
 def _unique_stems(inputs: list[Input]) -> list[str]:
