@@ -74,6 +74,26 @@ def make_slide(path: Path, side: int) -> None:
         tw.write(image[::4, ::4], subfiletype=1, **opts)
 
 
+def plotter(rows: list[dict]):
+    def plot(ax):
+        mps = [r["megapixels"] for r in rows]
+        rss = [r["peak RSS MB"] for r in rows]
+        ax.plot(mps, rss, "o-", label="peak RSS (MB)")
+        ax.set_ylim(0, 1.15 * max(rss))
+        ax.set_xscale("log")
+        ax.set_xlabel("slide megapixels")
+        ax.set_ylabel("peak RSS (MB)")
+        ax2 = ax.twinx()
+        ax2.plot(mps, [r["cells/s"] for r in rows], "s--", color="tab:orange", label="cells/s")
+        ax2.set_ylim(0, 1.15 * max(r["cells/s"] for r in rows))
+        ax2.set_ylabel("cells / s")
+        ax.set_title("predict: memory and speed vs slide size")
+        ax.legend(loc="lower left", fontsize=8)
+        ax2.legend(loc="lower right", fontsize=8)
+
+    return plot
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", default=None, help="a 40x cisca run (default: train a quick one)")
@@ -84,7 +104,12 @@ def main() -> None:
                         help="predict's --region (smaller than the default 2048, so that memory is seen flat over "
                              "several multi-region sizes)")
     parser.add_argument("--name", default=None, help="results name (default predict_<cpu|gpu>)")
+    parser.add_argument("--replot", default=None, metavar="JSON", help="redraw the table and figure of a results JSON")
     args = parser.parse_args()
+    if args.replot:
+        payload = json.loads(Path(args.replot).read_text())
+        print(write_results(Path(args.replot).stem, payload, payload["rows"], plotter(payload["rows"])).read_text())
+        return
     t0 = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="cellembed-predict-"))
     run = Path(args.run) if args.run else quick_run(work)
@@ -115,19 +140,7 @@ def main() -> None:
         "fresh process: 'peak RSS' is its maximum resident memory (Python, torch, the encoder and decoder included); "
         "'predict s' covers reading, encoder, decoder, blending, post-processing and writing GeoJSON / CSV / overlay.")
 
-    def plot(ax):
-        mps = [r["megapixels"] for r in rows]
-        ax.plot(mps, [r["peak RSS MB"] for r in rows], "o-", label="peak RSS (MB)")
-        ax.set_xscale("log")
-        ax.set_xlabel("slide megapixels")
-        ax.set_ylabel("peak RSS (MB)")
-        ax2 = ax.twinx()
-        ax2.plot(mps, [r["cells/s"] for r in rows], "s--", color="tab:orange", label="cells/s")
-        ax2.set_ylabel("cells / s")
-        ax.set_title("predict: memory and speed vs slide size")
-        ax.legend(loc="upper left", fontsize=8)
-        ax2.legend(loc="upper right", fontsize=8)
-
+    plot = plotter(rows)
     payload = {"machine": info, "args": vars(args), "rows": rows, "description": description,
                "seconds": round(time.perf_counter() - t0, 1)}
     print(write_results(name, payload, rows, plot).read_text())
