@@ -16,7 +16,9 @@ What still differs from post-processing the whole image at once: CISCA min-max s
 its contour response over the image it is given (CISCA.md §3 step 2), here the region (core + margins). On a
 1000² MoNuSeg image cut into regions of 256 px (a stress test; the default is 2048) the stitched cells matched
 the whole image's at 0.98 F1 (6 of 336 differ, 4 of them within 10 px of a seam) and PQ against the truth moved
-by +0.005.
+by +0.005. A barely trained model (3 epochs, faint directional maps) is far more sensitive: 2 × 2 regions of
+512 px matched its one-pass cells at F1 0.64. Images up to ``region`` pixels are one region, exactly CISCA's
+recipe.
 
 Deviation from CISCA: the grid is not zero-padded on the left / top (the first tile starts at 0) and the
 missing pixels at the right / bottom edge are mirrored (``numpy.pad`` "reflect") instead of zero-filled,
