@@ -180,8 +180,9 @@ class Predictor:
         return {k: np.ascontiguousarray(a[:, :ch, :cw]) for k, a in acc.items()}
 
     def region_cells(self, maps: dict[str, np.ndarray], region: Region):
-        """Instances of a region's maps whose centroid lies in its core: yields (instance id, pixel slice, mask,
-        centroid (y, x), class id, class probability) in region coordinates, and the region's instance map."""
+        """Post-process a region's maps: returns (instance map, type map, kept), ``kept`` listing the instances
+        whose centroid lies in the core as (id, box: slices of the region's maps, mask within the box, centroid
+        (y, x) in image pixels, class id, mean probability of that class over the cell, area in pixels)."""
         from scipy import ndimage
 
         inst, types = self.run.post.instances(maps)
