@@ -34,7 +34,6 @@ t0 = time.perf_counter()
 res = predict(PredictConfig(run=sys.argv[1], inputs=[sys.argv[2]], out=sys.argv[3], device=sys.argv[5],
                             region=int(sys.argv[6]), overwrite=True), log=lambda s: None)
 info = res.images[0]
-rec = json.load(open(sys.argv[3] + "/predict.json"))
 print(json.dumps({"seconds": time.perf_counter() - t0, "predict_seconds": info["seconds"], "cells": info["cells"],
                   "tiles_skipped": info["tiles_skipped"], "regions": info["regions"],
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))

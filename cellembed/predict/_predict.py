@@ -107,7 +107,6 @@ class Predictor:
 
     def __init__(self, run_path: str | Path, device: str = "auto", weights: str | None = None,
                  batch_size: int = 16):
-        from cellembed.cache._extract import DTYPES
         from cellembed.evaluate._run import _device, load_run
 
         self.device = _device(device)
@@ -119,7 +118,6 @@ class Predictor:
         self.tile = int(self.record["tile_size"])
         self.encoder = encoder_for_run(self.record, self.device, weights)
         self.dtype = self.record["identity"].get("dtype", "fp32")
-        self.store = DTYPES[self.dtype]
         names = [lv.name for lv in self.encoder.levels]
         wanted = [lv["name"] for lv in self.record["levels"]]
         missing = [n for n in wanted if n not in names]
@@ -138,11 +136,10 @@ class Predictor:
         """Activated maps {key: (B, k, T, T) float32} of a (B, T, T, 3) uint8 batch of tiles."""
         from cellembed.cache._loader import Batch
         from cellembed.evaluate._predict import decoder_maps
-        from cellembed.train._live import _encode
+        from cellembed.train._live import encode_levels
 
         images = torch.from_numpy(np.ascontiguousarray(tiles)).permute(0, 3, 1, 2).contiguous().to(self.device)
-        feats = _encode(self.encoder, images, self.dtype, self.device)
-        feats = [feats[i].to(self.store).to(torch.float32, copy=True) for i in self.level_idx]
+        feats = encode_levels(self.encoder, images, self.dtype, self.device, self.level_idx)
         _, maps = decoder_maps(self.run.model, Batch(feats, images, {}, []), self.device)
         return maps
 
@@ -186,26 +183,19 @@ class Predictor:
         from scipy import ndimage
 
         inst, types = self.run.post.instances(maps)
-        n = int(inst.max())
-        if n == 0:
-            return inst, types, []
-        flat = inst.ravel()
-        area = np.bincount(flat, minlength=n + 1)
-        yy, xx = np.indices(inst.shape)
-        cy = np.bincount(flat, yy.ravel(), minlength=n + 1) / np.maximum(area, 1)
-        cx = np.bincount(flat, xx.ravel(), minlength=n + 1) / np.maximum(area, 1)
         key = "types" if "types" in maps else ("nc" if "nc" in maps else None)
         kept = []
-        boxes = ndimage.find_objects(inst)
-        for i in range(1, n + 1):
-            y, x = cy[i] + region.ey0, cx[i] + region.ex0
-            if area[i] == 0 or not (region.y0 <= y < region.y1 and region.x0 <= x < region.x1):
+        for i, box in enumerate(ndimage.find_objects(inst), start=1):
+            if box is None:
                 continue
-            box = boxes[i - 1]
             mask = inst[box] == i
+            ys, xs = np.nonzero(mask)
+            y, x = ys.mean() + box[0].start + region.ey0, xs.mean() + box[1].start + region.ex0
+            if not (region.y0 <= y < region.y1 and region.x0 <= x < region.x1):
+                continue
             t = int(np.bincount(types[box][mask]).argmax()) if types is not None else 1
             prob = float(maps[key][t][box][mask].mean()) if key is not None and t < maps[key].shape[0] else 1.0
-            kept.append((i, box, mask, (y, x), max(t, 1), prob, int(area[i])))
+            kept.append((i, box, mask, (y, x), max(t, 1), prob, len(ys)))
         return inst, types, kept
 
 
@@ -268,7 +258,7 @@ def _fill_background(acc: dict[str, np.ndarray], empty: np.ndarray, head: str) -
             acc["nc"][0, empty] = 1.0
 
 
-def _skipped_tiles(inp: Input, grid: Grid, scale: float, thumb: np.ndarray, per_px: float) -> set:
+def _skipped_tiles(grid: Grid, scale: float, thumb: np.ndarray, per_px: float) -> set:
     """Tiles of the grid with under 1 % tissue in the thumbnail's tissue mask."""
     mask = tissue_mask(thumb)
     f = scale / per_px  # thumbnail pixels per run pixel
@@ -292,24 +282,26 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
     if out.exists() and any(out.iterdir()) and not config.overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    if config.tissue not in ("auto", "on", "off"):
+        raise ValueError(f"tissue must be auto, on or off, got {config.tissue!r}")
     predictor = Predictor(config.run, config.device, config.weights, config.batch_size)
     target = config.target_mpp or MAGNIFICATION_MPP.get(predictor.magnification, 0.25)
     mpp_value = None if config.mpp in (None, "run") else float(config.mpp)
-    if config.tissue not in ("auto", "on", "off"):
-        raise ValueError(f"tissue must be auto, on or off, got {config.tissue!r}")
-    # open everything first: a bad input fails before any work
-    prepared = []
+    # plan every input first (size, resampling, tissue): a bad input fails before any work; each is reopened
+    # when its turn comes, so only one input's pixels are held at a time
+    plans = []
     for path in config.inputs:
         inp = open_input(path, mpp_value)
-        scale = resolve_scale(inp, target, config.mpp)
-        h, w = int(inp.height / scale), int(inp.width / scale)
-        grid = Grid(h, w, predictor.tile, config.region)
-        use_tissue = config.tissue == "on" or (config.tissue == "auto" and inp.slide)
-        thumb, per_px = inp.thumbnail(TISSUE_THUMB)
-        skip = _skipped_tiles(inp, grid, scale, thumb, per_px) if use_tissue else None
-        prepared.append((inp, scale, grid, skip, thumb, per_px))
-    stems = _unique_stems([p[0] for p in prepared])
-    total = sum(sum(1 for r in g.regions() for t in r.tiles if not s or t not in s) for _, _, g, s, _, _ in prepared)
+        try:
+            scale = resolve_scale(inp, target, config.mpp)
+            grid = Grid(int(inp.height / scale), int(inp.width / scale), predictor.tile, config.region)
+            use_tissue = config.tissue == "on" or (config.tissue == "auto" and inp.slide)
+            skip = _skipped_tiles(grid, scale, *inp.thumbnail(TISSUE_THUMB)) if use_tissue else None
+            plans.append((path, inp.name, scale, grid, skip))
+        finally:
+            inp.close()
+    stems = _unique_stems([name for _, name, *_ in plans])
+    total = sum(sum(1 for r in g.regions() for t in r.tiles if not s or t not in s) for *_, g, s in plans)
     done = [0]
 
     def tick(n: int) -> None:
@@ -318,7 +310,9 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
             on_progress(done[0], total)
 
     images, label_maps = [], {}
-    for (inp, scale, grid, skip, thumb, per_px), stem in zip(prepared, stems):
+    for (path, _, scale, grid, skip), stem in zip(plans, stems):
+        inp = open_input(path, mpp_value)
+        thumb, per_px = inp.thumbnail(TISSUE_THUMB)
         started = time.perf_counter()
         run_mpp = inp.mpp * scale if inp.mpp else (target if config.mpp == "run" else None)
         writer = CellWriter(out, stem, inp.path.name, predictor.class_names, run_mpp)
@@ -375,7 +369,7 @@ def predict(config: PredictConfig, on_progress: ProgressFn | None = None, log: C
                 "magnification against the input's)")
         log(f"{inp.path.name}: {writer.n} cells in {seconds:.1f} s ({grid.height} × {grid.width} px at "
             f"{target} µm/px, {grid.n_regions()} regions)")
-    if label_maps and len(label_maps) == len(prepared) and len({m.shape for m in label_maps.values()}) == 1:
+    if label_maps and len(label_maps) == len(plans) and len({m.shape for m in label_maps.values()}) == 1:
         np.save(out / "predictions.npy", np.stack(list(label_maps.values())))
         (out / "names.txt").write_text("".join(f"{s}\n" for s in stems))
     else:
@@ -408,11 +402,11 @@ def _release_memory() -> None:
 _TRIM = None
 
 
-def _unique_stems(inputs: list[Input]) -> list[str]:
+def _unique_stems(names: list[str]) -> list[str]:
     seen: dict[str, int] = {}
     stems = []
-    for inp in inputs:
-        n = seen.get(inp.name, 0)
-        seen[inp.name] = n + 1
-        stems.append(inp.name if n == 0 else f"{inp.name}-{n}")
+    for name in names:
+        n = seen.get(name, 0)
+        seen[name] = n + 1
+        stems.append(name if n == 0 else f"{name}-{n}")
     return stems

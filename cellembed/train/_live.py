@@ -152,10 +152,7 @@ class LiveLoader:
     @torch.no_grad()
     def _finish(self, c: dict) -> Batch:
         images = c["image"].to(self.device, non_blocking=True)
-        feats = _encode(self.encoder, images, self.o["dtype"], self.device)
-        store = DTYPES[self.o["dtype"]]
-        # rounded as the cache stores them; copied out of inference mode so that a decoder can backpropagate
-        feats = [feats[i].to(store).to(torch.float32, copy=True) for i in self.level_idx]
+        feats = encode_levels(self.encoder, images, self.o["dtype"], self.device, self.level_idx)
         _check_finite(feats, c["keys"], self.level_names, self.o["dtype"])
         targets = finish_targets({**c["targets"], "type_map": c["type_map"]}, self.device)
         targets["inst_map"] = c["inst_map"].to(self.device, non_blocking=True)
@@ -168,6 +165,15 @@ def _encode(encoder, images: torch.Tensor, dtype: str, device: torch.device) -> 
     autocast = _compute_mode(device, dtype) == "bf16-autocast"
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
         return list(encoder(images).feats)
+
+
+def encode_levels(encoder, images: torch.Tensor, dtype: str, device: torch.device,
+                  level_idx: list[int]) -> list[torch.Tensor]:
+    """The chosen levels of ``_encode`` as float32, rounded through ``dtype`` as the cache stores them, and
+    copied out of inference mode so that a decoder can backpropagate through them."""
+    store = DTYPES[dtype]
+    feats = _encode(encoder, images, dtype, device)
+    return [feats[i].to(store).to(torch.float32, copy=True) for i in level_idx]
 
 
 def _check_finite(feats: list[torch.Tensor], keys: list[str], level_names: list[str], dtype: str) -> None:
