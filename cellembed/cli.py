@@ -429,8 +429,7 @@ def predict(
     weights: str | None = typer.Option(None, help="Encoder weights file, when the run's encoder came from one."),
     overwrite: bool = typer.Option(False, help="Write into a non-empty --out."),
 ):
-    """Predict cells on images of any size and whole slides: seam-free tiled inference, GeoJSON for QuPath,
-    a cell table and an overlay per input."""
+    """Predict cells on images of any size and whole slides: seam-free tiled inference, GeoJSON, cell table, overlay."""
     from cellembed.predict import InputError, PredictConfig
     from cellembed.predict import predict as run_predict
 
