@@ -22,8 +22,10 @@ from cellembed.metrics._reference import image_counts_reference, random_pair
 
 try:
     from benchmarks._common import machine, write_results
+    from benchmarks._previous import fused_counts_before
 except ImportError:  # run as a script from the benchmarks folder
     from _common import machine, write_results
+    from _previous import fused_counts_before
 
 K = 6
 
@@ -57,15 +59,18 @@ def run_case(label: str, pred, true, typed: bool) -> dict:
         pred, true = pred[..., 0], true[..., 0]
     cells = float(np.mean([np.unique(t[..., 0] if typed else t).size - 1 for t in true]))
     fast_ms, fast = timed(image_counts_unchecked, pred, true, repeats=3)
+    before_ms, before = timed(fused_counts_before, pred, true, repeats=3)
     numpy_ms, numpy_path = timed(image_counts_numpy, pred, true, repeats=3)
     ref_ms, ref = timed(image_counts_reference, pred, true, repeats=1)
     assert_same(fast, ref)
     assert_same(numpy_path, ref)
+    assert_same(before, ref)
     t0 = time.perf_counter()
     score_arrays(pred, true, num_classes=K if typed else None)
     full_ms = 1e3 * (time.perf_counter() - t0) / len(pred)
     return {"case": label, "images": len(pred), "cells/image": round(cells, 1), "classes": K if typed else "-",
-            "cellembed (ms/img)": round(fast_ms, 3), "numpy path, before (ms/img)": round(numpy_ms, 3),
+            "cellembed (ms/img)": round(fast_ms, 3), "compiled, before issue 15 (ms/img)": round(before_ms, 3),
+            "speed-up over before": round(before_ms / fast_ms, 2), "numpy path (ms/img)": round(numpy_ms, 3),
             "compiled / numpy": round(numpy_ms / fast_ms, 1), "score_arrays (ms/img)": round(full_ms, 3),
             "per-instance reference (ms/img)": round(ref_ms, 2), "speed-up": round(ref_ms / fast_ms, 1),
             "identical": True}
@@ -82,6 +87,8 @@ def main() -> None:
     image_counts_unchecked(small[0][0], small[1][0], K)  # numba compile / cache load, not timed
     image_counts_unchecked(small[0][0][..., 0], small[1][0][..., 0], None)
     image_counts_numpy(small[0][0], small[1][0], K)
+    fused_counts_before(small[0][0], small[1][0], K)
+    fused_counts_before(small[0][0][..., 0], small[1][0][..., 0], None)
     rows = [run_case("256² typed", *small, typed=True), run_case("256² instance-only", *small, typed=False),
             run_case("1024² typed", *large, typed=True)]
     load = [round(x, 1) for x in (*load_before, *os.getloadavg())]
@@ -91,8 +98,12 @@ def main() -> None:
                               "sides compute all per-image statistics (PQ counts, AJI, AJI+, Dice, per-class "
                               "counts, PanNuke bPQ parts); counts asserted identical, IoU sums to 1e-9. "
                               "cellembed: the compiled one-pass path (`metrics/_fused.py`), best of 3 passes; "
-                              "'numpy path, before': the previous implementation (overlap table in numba, "
-                              "statistics in numpy; still the fallback for huge ids), timed in the same run; `score_arrays` adds validation and aggregation. "
+                              "'compiled, before issue 15': the same statistics fed by the previous pixel pass "
+                              "(`benchmarks/_previous.py`: (P, 2) rows compared field by field, a (P, 5) run buffer "
+                              "per image; now one packed int64 compare per pixel, runs counted first); 'numpy "
+                              "path': the implementation before that (overlap table in numba, statistics in "
+                              "numpy; still the fallback for huge ids), all timed in the same run; "
+                              "`score_arrays` adds validation, a thread per core over the images, and aggregation. "
                               "Single process. Load average (1, 5, 15 min) before / after the run: "
                               f"{load[:3]} / {load[3:]} (other jobs sharing the 2 cores inflate absolute "
                               "times; the compiled / numpy ratio is measured side by side)."}

@@ -323,3 +323,24 @@ def test_overlap_wrapper():
     ov, t_ids, p_ids = overlap(np.array([[5, 5], [0, 9]]), np.array([[2, 0], [0, 2]]))
     assert t_ids.tolist() == [0, 5, 9] and p_ids.tolist() == [0, 2]
     assert ov.true.tolist() == [1, 2] and ov.inter.tolist() == [1, 1] and ov.union.tolist() == [3, 2]
+
+
+def test_images_scored_on_threads_equal_one_by_one():
+    """``score_arrays`` splits the images over threads (``counts_many``): same counts, same order."""
+    from cellembed.metrics._image import image_counts_unchecked
+    from cellembed.metrics._score import counts_many
+
+    rng = np.random.default_rng(7)
+    pairs = [random_pair(rng, size=64, n_cells=int(rng.integers(0, 20)), n_classes=4, scramble=False)
+             for _ in range(21)]
+    pred = np.stack([p for p, _ in pairs]).astype(np.int32)
+    true = np.stack([t for _, t in pairs]).astype(np.int32)
+    serial = [image_counts_unchecked(pred[i], true[i], 4) for i in range(len(pred))]
+    for workers in (2, 3, 40):
+        threaded = counts_many(pred, true, 4, workers=workers)
+        assert len(threaded) == len(serial)
+        for a, b in zip(threaded, serial):
+            same_counts(a, b)
+    from cellembed.metrics._aggregate import image_values
+
+    assert score_arrays(pred, true, 4)["per_image"] == [image_values(c) for c in serial]

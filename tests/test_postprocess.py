@@ -481,3 +481,32 @@ def test_hover_oracle_40x():
         h = hover_targets(g)
         preds.append(hover_instances(h.np.astype(np.float32), h.hv, None, "40x")[0])
     assert summary(preds, trues)["pq"] >= 0.93
+
+
+@pytest.mark.parametrize("workers", [None, 1, 2, 3, 50])
+def test_tiles_post_processed_on_threads_equal_one_by_one(workers):
+    """``map_tiles`` (what validation, ``score`` and ``tune`` use for a batch): same instances, same order."""
+    from cellembed.evaluate._predict import Postprocess, batch_instances
+    from cellembed.postprocess import map_tiles
+
+    p = CISCA_PRESETS["40x"]
+    rng = np.random.default_rng(5)
+    cases = []
+    for i in range(7):
+        tile = make_synthetic_tile(2, i, size=96)
+        t = cisca_targets(tile.inst_map, tile.type_map, magnification="40x")
+        c, ty = onehot(t.classes, 3), onehot(t.types, 5)
+        noisy = c + rng.random(c.shape).astype(np.float32) * 0.5
+        cases.append((noisy / noisy.sum(0), t.directions + rng.normal(0, 0.2, t.directions.shape).astype(np.float32),
+                      ty))
+    serial = [cisca_instances(*x, p) for x in cases]
+    threaded = map_tiles(lambda x: cisca_instances(*x, p), cases, workers)
+    assert len(threaded) == len(serial)
+    for (a, b), (x, y) in zip(threaded, serial):
+        assert np.array_equal(a, x) and np.array_equal(b, y)
+    maps = {"classes": np.stack([x[0] for x in cases]), "directions": np.stack([x[1] for x in cases]),
+            "types": np.stack([x[2] for x in cases])}
+    batch = batch_instances(maps, Postprocess("cisca", "40x"), workers)
+    assert batch.shape == (7, 96, 96, 2) and batch.dtype == np.int32
+    for i, (inst, types) in enumerate(serial):
+        assert np.array_equal(batch[i, ..., 0], inst) and np.array_equal(batch[i, ..., 1], types)

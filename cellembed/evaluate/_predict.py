@@ -118,14 +118,15 @@ def decoder_maps(model: torch.nn.Module, batch, device: torch.device, tta: bool 
     return raw, maps
 
 
-def batch_instances(maps: dict[str, np.ndarray], post: Postprocess) -> np.ndarray:
-    """(B, T, T, 2) int32 (instance, type) predictions of a batch of activated maps."""
+def batch_instances(maps: dict[str, np.ndarray], post: Postprocess, workers: int | None = None) -> np.ndarray:
+    """(B, T, T, 2) int32 (instance, type) predictions of a batch of activated maps; the tiles are
+    post-processed on ``workers`` threads (default one per core, ``postprocess.map_tiles``)."""
+    from cellembed.postprocess import map_tiles
+
     n = next(iter(maps.values())).shape[0]
-    out = None
-    for i in range(n):
-        inst, types = post.instances({k: v[i] for k, v in maps.items()})
-        if out is None:
-            out = np.zeros((n, *inst.shape, 2), np.int32)
+    tiles = map_tiles(lambda i: post.instances({k: v[i] for k, v in maps.items()}), range(n), workers)
+    out = np.zeros((n, *tiles[0][0].shape, 2), np.int32)
+    for i, (inst, types) in enumerate(tiles):
         out[i, ..., 0], out[i, ..., 1] = inst, types
     return out
 

@@ -16,6 +16,8 @@ the lookup-table bound and for tables above the dense limit); ``tests/test_metri
 
 from __future__ import annotations
 
+import sys
+
 import numba
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -40,44 +42,65 @@ def _number(lut):
     return ids
 
 
-@numba.njit(cache=True, nogil=True)
-def _tables(tr, pr, k1, bound):
-    """Instance table (nt+1, np+1) and, for typed maps (``tr.shape[1] == 2``), the part table over compact
-    (instance, class) parts. ``tr``, ``pr``: (P, 1 or 2) C-contiguous (instance[, type]) pixels.
+@numba.njit(cache=True, nogil=True, inline="always")
+def _unpack(v, typed):
+    """(instance id, type) of one packed pixel: typed pixels are int64 holding the int32 pair (id in the low
+    32 bits, little-endian), untyped ones the id itself."""
+    w = np.int64(v)
+    if typed:
+        return (w << 32) >> 32, w >> 32
+    return w, w - w
 
-    Two passes over the pixels: the id range, then runs of equal (true id, true type, predicted id, predicted
-    type) in raster order, each id marked present once per run. Ids are then numbered in sorted order and the
-    runs (a few per cent of the pixels) fill the dense tables.
+
+@numba.njit(cache=True, nogil=True)
+def _tables(tk, pk, typed, k1, bound):
+    """Instance table (nt+1, np+1) and, for typed maps, the part table over compact (instance, class) parts.
+    ``tk``, ``pk``: (P,) C-contiguous pixels, packed as ``_unpack`` reads them (one int64 compare per pixel
+    decides whether a run goes on, which keeps both pixel loops branch-light).
+
+    Two passes over the pixels: the id range and the number of runs, then the runs of equal (true id, true
+    type, predicted id, predicted type) in raster order, each id marked present once per run. Ids are then
+    numbered in sorted order and the runs (a few per cent of the pixels) fill the dense tables.
 
     Returns (table, part_table, part_t_keys, part_p_keys); an empty table means "ids above ``bound``, negative
     ids, or a table above the dense limit: take the numpy path"."""
-    n = tr.shape[0]
-    typed = tr.shape[1] == 2
+    n = tk.shape[0]
     empty = np.zeros((0, 0), np.int64)
     none = np.zeros(0, np.int64)
+    if n == 0:
+        return empty, empty, none, none
     top_t, top_p, low = 0, 0, 0
+    n_runs = 1
+    a0, b0 = tk[0], pk[0]
     for i in range(n):
-        x, y = tr[i, 0], pr[i, 0]
+        a, b = tk[i], pk[i]
+        x, _ = _unpack(a, typed)
+        y, _ = _unpack(b, typed)
         top_t = max(top_t, x)
         top_p = max(top_p, y)
         low = min(low, min(x, y))
-    if low < 0 or top_t > bound or top_p > bound or n == 0:
+        n_runs += (a != a0) | (b != b0)
+        a0, b0 = a, b
+    if low < 0 or top_t > bound or top_p > bound:
         return empty, empty, none, none
     lut_t = np.zeros(top_t + 1, np.int64)
     lut_p = np.zeros(top_p + 1, np.int64)
-    c = 1 if typed else 0
-    runs = np.empty((n, 5), np.int64)  # x, type of x, y, type of y, pixels
+    runs = np.empty((n_runs, 5), np.int64)  # x, type of x, y, type of y, pixels (sized by the first pass)
     r = 0
-    x0, tx0, y0, ty0 = tr[0, 0], tr[0, c], pr[0, 0], pr[0, c]
+    a0, b0 = tk[0], pk[0]
     count = 0
     for i in range(n):
-        x, tx, y, ty = tr[i, 0], tr[i, c], pr[i, 0], pr[i, c]
-        if x != x0 or y != y0 or tx != tx0 or ty != ty0:
+        a, b = tk[i], pk[i]
+        if a != a0 or b != b0:
+            x0, tx0 = _unpack(a0, typed)
+            y0, ty0 = _unpack(b0, typed)
             runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4] = x0, tx0, y0, ty0, count
             lut_t[x0], lut_p[y0] = 1, 1
             r += 1
-            x0, tx0, y0, ty0, count = x, tx, y, ty, 0
+            a0, b0, count = a, b, 0
         count += 1
+    x0, tx0 = _unpack(a0, typed)
+    y0, ty0 = _unpack(b0, typed)
     runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4] = x0, tx0, y0, ty0, count
     lut_t[x0], lut_p[y0] = 1, 1
     r += 1
@@ -289,18 +312,39 @@ def _classes(part, parts_t, parts_p, k1):
     return tp, fp, fn, iou, part_tp, parts_p.size - 1 - part_tp, parts_t.size - 1 - part_tp, part_iou
 
 
+def _packed(x: np.ndarray, typed: bool) -> np.ndarray | None:
+    """Pixels as ``_tables`` reads them: an (H, W) map flattened; an (H, W, 2) map as one int64 per pixel
+    holding its int32 (id, type) pair (other integer dtypes are cast to int32 first; None when they do not
+    fit, or on a big-endian machine)."""
+    if not typed:
+        return np.ascontiguousarray(x).reshape(-1)
+    if sys.byteorder != "little":
+        return None
+    if x.dtype != np.int32:
+        if x.size and (int(x.max()) > np.iinfo(np.int32).max or int(x.min()) < np.iinfo(np.int32).min):
+            return None
+        x = x.astype(np.int32)
+    return np.ascontiguousarray(x).view(np.int64).reshape(-1)
+
+
 def fused_counts(pred: np.ndarray, true: np.ndarray, n_classes: int | None):
     """``ImageCounts`` of one (H, W) or (H, W, 2) pair in one compiled pass, or None when the ids or the tables
     are too large for lookup tables (the caller then takes the numpy path)."""
-    from cellembed.metrics._image import ImageCounts  # _image imports this module lazily
-
     typed = true.ndim == 3
     if true.dtype.kind not in "iu" or true.dtype == np.uint64 or pred.dtype != true.dtype:
         return None  # uint64 mixes with int64 as float in numba; mixed dtypes would compile one more variant
-    tr = np.ascontiguousarray(true).reshape(-1, 2 if typed else 1)
-    pr = np.ascontiguousarray(pred).reshape(-1, 2 if typed else 1)
+    tk, pk = _packed(true, typed), _packed(pred, typed)
+    if tk is None or pk is None:
+        return None
     k1 = (n_classes or 0) + 1
-    table, part, parts_t, parts_p = _tables(tr, pr, k1, 4 * tr.shape[0] + 65536)
+    return counts_from_tables(_tables(tk, pk, typed, k1, 4 * tk.shape[0] + 65536), typed, k1)
+
+
+def counts_from_tables(tables: tuple, typed: bool, k1: int):
+    """``ImageCounts`` from ``_tables``' output (None when it declined)."""
+    from cellembed.metrics._image import ImageCounts
+
+    table, part, parts_t, parts_p = tables
     if table.size == 0:
         return None
     pairs, (tp, fp, fn, iou_sum), fg, aji, singles = _instance_stats(table)

@@ -14,13 +14,15 @@ the watershed in scikit-image's exact flooding order, voting; ``_filter_kernels`
 5x5 and Sobel correlations, blurs, landscapes, x2 resizing) behind the stage functions of ``_cisca`` /
 ``_hover`` and the validating wrappers of ``_ops``. ``_reference`` holds the scipy / scikit-image twins,
 stage by stage; both paths return identical arrays (float stages bit for bit). Only scikit-image's
-``skeletonize`` (CISCA's seed cut) is shared.
+``skeletonize`` (CISCA's seed cut) is shared. Every kernel releases the GIL: ``map_tiles`` post-processes a
+batch of tiles on one thread per core.
 """
 
+from ._batch import map_tiles
 from ._cisca import cisca_instances
 from ._hover import hover_instances
 from ._params import CISCA_PRESETS, HOVER_PRESETS, CiscaParams, HoverParams
 from ._reference import cisca_instances_reference
 
 __all__ = ["CISCA_PRESETS", "CiscaParams", "HOVER_PRESETS", "HoverParams", "cisca_instances",
-           "cisca_instances_reference", "hover_instances"]
+           "cisca_instances_reference", "hover_instances", "map_tiles"]

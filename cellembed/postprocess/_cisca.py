@@ -9,6 +9,7 @@ from __future__ import annotations
 from functools import cache
 
 import numpy as np
+from numba import njit
 from skimage.morphology import disk, skeletonize
 
 from . import _filter_kernels as _fk
@@ -51,17 +52,51 @@ def contours(classes_prob: np.ndarray, directions: np.ndarray, p: CiscaParams):
 
     Cth = FG ∧ max_k(1 - minmax(resp_k)) >= th is evaluated as FG ∧ ∨_k (resp_k <= cut_k), with
     ``cut_k`` found once per map (``_filter_kernels.response_cut``, exact); non-finite responses or a threshold
-    <= 0 take the literal route. Ranges come from numpy's vectorised ``min`` / ``max``.
-    """
-    fg = _fk.foreground(classes_prob, p.fg_threshold)
-    hit, resp = np.zeros(fg.shape, bool), np.empty(fg.shape)
-    for d, kernel in zip(directions, _KERNELS):
-        _fk.correlate5_minmax(d, float(d.min()), float(d.max()), kernel, resp)
-        lo, hi = float(resp.min()), float(resp.max())
-        if not (p.contour_threshold > 0 and np.isfinite(lo) and np.isfinite(hi)):
-            return fg, _contours_literal(fg, directions, p)
-        _fk.or_below(resp, _fk.response_cut(lo, hi, p.contour_threshold), hit)
-    return fg, fg & hit
+    <= 0 take the literal route. One compiled call (``_contours_kernel``)."""
+    lims = np.array([(d.min(), d.max()) for d in directions], np.float64)  # numpy's vectorised reductions
+    fg, cth, exact = _contours_kernel(classes_prob, directions, lims, _KERNELS, p.fg_threshold, p.contour_threshold)
+    return fg, cth if exact else _contours_literal(fg, directions, p)
+
+
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
+def _finite(x):
+    """True iff every value is finite (a NaN or an infinity makes the sum of ``v * 0`` NaN, in any order)."""
+    flat, acc = x.ravel(), 0.0
+    for i in range(flat.size):
+        acc += np.float64(flat[i]) * 0.0
+    return acc == 0.0
+
+
+@njit(cache=True, nogil=True, fastmath={"nnan", "ninf"})
+def _minmax(x):
+    """``x.min(), x.max()`` in float64 for finite ``x`` (check with ``_finite`` first; min / max are exact,
+    so the vectorised reduction gives numpy's values)."""
+    flat = x.ravel()
+    lo, hi = np.float64(flat[0]), np.float64(flat[0])
+    for i in range(flat.size):
+        v = np.float64(flat[i])
+        lo = min(lo, v)
+        hi = max(hi, v)
+    return lo, hi
+
+
+@njit(cache=True, nogil=True)
+def _contours_kernel(classes, directions, lims, kernels, fg_threshold, threshold):
+    """(FG, FG ∧ ∨_k resp_k <= cut_k, True), or (FG, -, False) when the literal route is needed. ``lims``:
+    (K, 2) min and max of each directional map (NaN when it holds a NaN, as numpy's)."""
+    fg = _fk.foreground(classes, fg_threshold)
+    hit = np.zeros(fg.shape, np.bool_)
+    resp = np.empty(fg.shape)
+    for k in range(directions.shape[0]):
+        lo, hi = lims[k, 0], lims[k, 1]
+        if not (threshold > 0 and np.isfinite(lo) and np.isfinite(hi)):
+            return fg, hit, False
+        _fk.correlate5_minmax(directions[k], lo, hi, kernels[k], resp)
+        if not _finite(resp):
+            return fg, hit, False
+        rlo, rhi = _minmax(resp)
+        _fk.or_below(resp, _fk.response_cut(rlo, rhi, threshold), hit)
+    return fg, fg & hit, True
 
 
 def _contours_literal(fg: np.ndarray, directions: np.ndarray, p: CiscaParams) -> np.ndarray:
@@ -80,24 +115,35 @@ def landscape(classes_prob: np.ndarray, fg: np.ndarray, cth: np.ndarray, p: Cisc
 
 def seeds(classes_prob: np.ndarray, cth: np.ndarray, p: CiscaParams) -> np.ndarray:
     """Step 4: markers, (H, W) int32 1..n in raster order."""
-    body = classes_prob[1]
-    mask = (body > classes_prob[0]) & (body > classes_prob[2])
-    if cth.any():
-        mask &= ~(cth & _kernels.morph(skeletonize(cth), _square(p.skeleton_square), True, False))
+    skeleton = skeletonize(cth) if cth.any() else cth
+    return _seeds_kernel(classes_prob, cth, skeleton, _square(p.skeleton_square), p.seed_min_area,
+                         _disk(p.erosion_radius), p.erosion_radius > 0, CROSS, p.min_seed_size)
+
+
+@njit(cache=True, nogil=True)
+def _seeds_kernel(classes, cth, skeleton, square, seed_min_area, erosion_disk, grow, cross, min_seed_size):
+    """``seeds`` after the skeleton (scikit-image's, computed outside): one compiled call."""
+    body = classes[1]
+    mask = (body > classes[0]) & (body > classes[2])
+    mask &= ~(cth & _kernels.morph(skeleton, square, True, False))
     labels, n = _kernels.label(mask, True)
-    labels, n = _kernels.remove_small(labels, n, p.seed_min_area)
-    kept = _kernels.rescue(_kernels.morph(labels > 0, _disk(p.erosion_radius), False, True), labels, n)
-    grown = _kernels.morph(kept, CROSS, True, False) if p.erosion_radius > 0 else kept
+    labels, n = _kernels.remove_small(labels, n, seed_min_area)
+    kept = _kernels.rescue(_kernels.morph(labels > 0, erosion_disk, False, True), labels, n)
+    grown = _kernels.morph(kept, cross, True, False) if grow else kept
     groups, n = _kernels.label(grown, True)
-    return _kernels.label(_kernels.keep_groups(kept, groups, n, p.min_seed_size), True)[0]
+    return _kernels.label(_kernels.keep_groups(kept, groups, n, min_seed_size), True)[0]
 
 
 def watershed_mask(classes_prob: np.ndarray, p: CiscaParams) -> np.ndarray:
     """Step 5: M = P_boundary + P_body > P_background (a 1-4 px background filled), opened (border 0)."""
-    mask = _fk.watershed_region(classes_prob)
+    return _mask_kernel(classes_prob, EIGHT if p.opening == "square" else CROSS)
+
+
+@njit(cache=True, nogil=True)
+def _mask_kernel(classes, fp):
+    mask = _fk.watershed_region(classes)
     if 0 < mask.size - np.count_nonzero(mask) < 5:
         mask[:] = True
-    fp = EIGHT if p.opening == "square" else CROSS
     return _kernels.morph(_kernels.morph(mask, fp, False, False), fp, True, False)
 
 
@@ -114,12 +160,48 @@ def soft_types(inst: np.ndarray, n: int, types_prob: np.ndarray | None) -> np.nd
     """
     if types_prob is None:
         return (inst > 0).astype(np.uint8)
+    return _types_kernel(inst, n, types_prob)
+
+
+@njit(cache=True, nogil=True)
+def _types_kernel(inst, n, types_prob):
+    """``soft_types`` with probabilities: argmax of each instance's sums (first maximum, as np.argmax); an
+    instance voting background takes its best foreground type."""
     sums = _kernels.vote_soft(inst, n, types_prob, False)
-    best = np.argmax(sums, axis=1)
-    if sums.shape[1] > 1:
-        best = np.where(best == 0, 1 + np.argmax(sums[:, 1:], axis=1), best)
-    best[0] = 0
-    return _kernels.lookup(inst, best.astype(np.uint8))
+    k = sums.shape[1]
+    best = np.zeros(n + 1, np.uint8)
+    for i in range(1, n + 1):
+        b = 0
+        for c in range(1, k):
+            if sums[i, c] > sums[i, b] or (np.isnan(sums[i, c]) and not np.isnan(sums[i, b])):
+                b = c
+        if b == 0 and k > 1:
+            b = 1
+            for c in range(2, k):
+                if sums[i, c] > sums[i, b] or (np.isnan(sums[i, c]) and not np.isnan(sums[i, b])):
+                    b = c
+        best[i] = b
+    return _kernels.lookup(inst, best)
+
+
+@njit(cache=True, nogil=True)
+def _finish_kernel(classes, fg, cth, markers, a, b, fp, offsets, min_area, types_prob, typed):
+    """Steps 3, 5-8 in one compiled call: landscape, watershed mask, flooding, area filter, type vote."""
+    land = _fk.cisca_landscape(classes[1], fg & ~cth, a, b)
+    h, w = markers.shape
+    out, padded_mask = _kernels.pad_markers(markers, _mask_kernel(classes, fp))
+    _kernels.watershed(land.ravel(), out, padded_mask, offsets)
+    flooded = out.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
+    n_markers = 0
+    for v in markers.ravel():
+        n_markers = max(n_markers, v)
+    inst, n = _kernels.union_filter(flooded, n_markers, min_area)
+    if typed:
+        return inst, _types_kernel(inst, n, types_prob)
+    types = np.empty(inst.shape, np.uint8)
+    for i in range(inst.size):
+        types.ravel()[i] = inst.ravel()[i] > 0
+    return inst, types
 
 
 def cisca_instances(classes_prob: np.ndarray, directions: np.ndarray, types_prob: np.ndarray | None = None,
@@ -155,6 +237,9 @@ def cisca_instances(classes_prob: np.ndarray, directions: np.ndarray, types_prob
     p = params
     fg, cth = contours(classes_prob, directions, p)
     markers = seeds(classes_prob, cth, p)
-    inst = _ops.flood(landscape(classes_prob, fg, cth, p), markers, watershed_mask(classes_prob, p), 2)
-    inst, n = _kernels.union_filter(inst, int(markers.max(initial=0)), p.min_area)
-    return inst, soft_types(inst, n, types_prob)
+    h, w = markers.shape
+    _ops.check_flood_size(h, w)
+    typed = types_prob is not None
+    return _finish_kernel(classes_prob, fg, cth, markers, (1.0 - p.mix_weight) * 255.0, p.mix_weight * 255.0,
+                          EIGHT if p.opening == "square" else CROSS, _ops.neighbour_offsets(w + 2, 2), p.min_area,
+                          types_prob if typed else np.zeros((1, 1, 1), np.float32), typed)

@@ -14,7 +14,7 @@ import numpy as np
 from numba import njit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def mirror_index(n, pad):
     """Source index of each position -pad..n+pad-1 under reflect-101 (scipy "mirror"), any n >= 1."""
     out = np.zeros(n + 2 * pad, np.int64)
@@ -26,7 +26,7 @@ def mirror_index(n, pad):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def correlate_padded(padded, weights, out):
     """``scipy.ndimage.correlate`` of the unpadded image into ``out`` (H, W) float64, same sums."""
     kh, kw = weights.shape
@@ -46,7 +46,7 @@ def correlate_padded(padded, weights, out):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def correlate5_minmax(x, lo, hi, k, out):
     """``scipy.ndimage.correlate(minmax(x), k, mode="mirror")`` for a 5x5 ``k``, given ``lo, hi`` =
     ``x.min(), x.max()``. Normalised, mirror-padded rows live in a ring of 5, and each output pixel is
@@ -68,7 +68,7 @@ def correlate5_minmax(x, lo, hi, k, out):
     return out
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _correlate5_row(a0, a1, a2, a3, a4, k, o):
     k00, k01, k02, k03, k04, k10, k11, k12, k13, k14 = k[0, 0], k[0, 1], k[0, 2], k[0, 3], k[0, 4], \
         k[1, 0], k[1, 1], k[1, 2], k[1, 3], k[1, 4]
@@ -84,7 +84,7 @@ def _correlate5_row(a0, a1, a2, a3, a4, k, o):
         o[c] = s + a4[c] * k40 + a4[c + 1] * k41 + a4[c + 2] * k42 + a4[c + 3] * k43 + a4[c + 4] * k44
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def correlate1d_sym(x, weights, axis, anti):
     """``scipy.ndimage.correlate1d(x, weights, axis, mode="mirror")`` for an odd symmetric (``anti``:
     antisymmetric) kernel, float64: centre tap first, then outer-to-inner pairs (scipy's order)."""
@@ -104,7 +104,7 @@ def correlate1d_sym(x, weights, axis, anti):
     return out
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _correlate_line(src, weights, anti, idx, line, out):
     """One row of ``correlate1d_sym`` along axis 1 (``line``: scratch of size w + 2 * half)."""
     half, w = weights.size // 2, src.size
@@ -120,7 +120,7 @@ def _correlate_line(src, weights, anti, idx, line, out):
             out[c] = out[c] + ((lo[c] - hi[c]) if anti else (lo[c] + hi[c])) * wt
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _correlate_ring(ring, r, weights, anti, out):
     """Output row ``r`` of ``correlate1d_sym`` along axis 0 from a ring holding padded row k at k % size."""
     half, n = weights.size // 2, ring.shape[0]
@@ -133,7 +133,7 @@ def _correlate_ring(ring, r, weights, anti, out):
             out[c] = out[c] + ((lo[c] - hi[c]) if anti else (lo[c] + hi[c])) * wt
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def sobel(x, axis, lo, hi, smooth, deriv):
     """``_filters.sobel(minmax(x), axis)`` given ``lo, hi = x.min(), x.max()``: the derivative along
     ``axis``, then smoothing across it, streamed over a ring of rows (no full-size intermediates)."""
@@ -161,7 +161,7 @@ def sobel(x, axis, lo, hi, smooth, deriv):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def unit_response(resp, lo, hi, best):
     """``best = np.maximum(best, 1 - minmax(resp))`` in place, given ``lo, hi = resp.min(), resp.max()``."""
     rf, bf = resp.ravel(), best.ravel()
@@ -174,7 +174,7 @@ def unit_response(resp, lo, hi, best):
     return best
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def or_below(resp, cut, hit):
     """``hit |= resp <= cut`` in place."""
     rf, hf = resp.ravel(), hit.ravel()
@@ -183,7 +183,7 @@ def or_below(resp, cut, hit):
     return hit
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def upsample2(x):
     """``_filters.upsample2`` of a (K, H, W) float array: bilinear x2, half-pixel centres, float64.
     Rows first, then columns; inside the image the column weights are (0.25, 0.75) / (0.75, 0.25),
@@ -206,7 +206,7 @@ def upsample2(x):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _bilinear_taps(n):
     lo, hi, wt = np.empty(2 * n, np.int64), np.empty(2 * n, np.int64), np.empty(2 * n)
     for i in range(2 * n):
@@ -218,19 +218,19 @@ def _bilinear_taps(n):
     return lo, hi, wt
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _ordered(x):
     """float64 -> int64 with the same order (for bisection over floats); its own inverse."""
     b = np.array([x]).view(np.int64)[0]
     return b ^ ((b >> 63) & 0x7FFFFFFFFFFFFFFF)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _unordered(k):
     return np.array([k ^ ((k >> 63) & 0x7FFFFFFFFFFFFFFF)]).view(np.float64)[0]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def response_cut(lo, hi, threshold):
     """The largest r in [lo, hi] with ``1 - (r - lo) / (hi - lo) >= threshold`` in float64 (-inf if none).
 
@@ -251,7 +251,7 @@ def response_cut(lo, hi, threshold):
     return _unordered(a)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def foreground(classes, fg_threshold):
     """FG = P_boundary + P_body >= threshold (in float64), (H, W) bool."""
     _, h, w = classes.shape
@@ -262,7 +262,7 @@ def foreground(classes, fg_threshold):
     return fg
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def watershed_region(classes):
     """M = P_boundary + P_body > P_background (in float64), (H, W) bool."""
     _, h, w = classes.shape
@@ -273,7 +273,7 @@ def watershed_region(classes):
     return m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def contour_threshold(fg, best, threshold):
     """``clip(best - (1 - fg), 0) >= threshold`` (CISCA.md §3 step 2, the literal form), (H, W) bool."""
     h, w = fg.shape
@@ -285,7 +285,7 @@ def contour_threshold(fg, best, threshold):
     return cth
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def cisca_landscape(body, interior, a, b):
     """CISCA.md §3 step 3 into a zero-padded (H + 2, W + 2) float64 array for ``watershed``:
     ``a * (1 - P_body) + b * (1 - blur3(interior))`` (twin ``cisca_landscape_reference``). The blur of a
@@ -306,7 +306,7 @@ def cisca_landscape(body, interior, a, b):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def hover_landscape(blb, best, threshold):
     """HoVer-Net steps 5-7a from ``best = max(sobel_h, sobel_v)``: the zero-padded landscape
     ``dist = -blur3((1 - overall) * blb)`` ((H + 2, W + 2) float64) and ``blb & (overall < threshold)``.
@@ -332,7 +332,7 @@ def hover_landscape(blb, best, threshold):
     return dist, seeds
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _blur_rows(ring, ri, y, out):
     """``out = -(row y * 0.5 + (row y-1 + row y+1) * 0.25)`` over mirrored rows held in ``ring``."""
     up, mid, down = ring[ri[y] % 3], ring[y % 3], ring[ri[y + 2] % 3]

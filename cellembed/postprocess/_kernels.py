@@ -12,7 +12,7 @@ from numba import njit
 # ---------------------------------------------------------------- binary morphology
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def morph(mask, footprint, dilate, border):
     """Binary dilation (``dilate``) or erosion by a point-symmetric odd footprint; pixels outside the
     image count as ``border`` (erosion) or background (dilation). One pass per footprint tap, vectorised
@@ -34,7 +34,7 @@ def morph(mask, footprint, dilate, border):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def fill_holes(mask):
     """``scipy.ndimage.binary_fill_holes``: background not 4-connected to the image border becomes set."""
     h, w = mask.shape
@@ -54,7 +54,7 @@ def fill_holes(mask):
 # ---------------------------------------------------------------- labels
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _find(parent, i):
     while parent[i] != i:
         parent[i] = parent[parent[i]]
@@ -62,7 +62,7 @@ def _find(parent, i):
     return i
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def _runs(mask):
     """Foreground runs of each row: (row, start, stop) arrays in raster order and each row's first run."""
     h, w = mask.shape
@@ -85,7 +85,7 @@ def _runs(mask):
     return row[:n], start[:n], stop[:n], first
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def label(mask, conn8):
     """Connected components of a 2-D bool mask, numbered 1..n in raster order of first pixels (as
     ``scipy.ndimage.label``). Union-find over row runs; a component's root is its first run."""
@@ -115,7 +115,7 @@ def label(mask, conn8):
     return out, n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def areas(labels, n):
     """Pixel count of each id 0..n (runs of equal ids are counted at once)."""
     flat = labels.ravel()
@@ -130,7 +130,7 @@ def areas(labels, n):
     return area
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relabel_kept(labels, keep):
     """Ids with ``keep[id]`` renumbered 1..m in id order, the rest 0: ((H, W) int32, m)."""
     new = np.zeros(keep.size, np.int32)
@@ -146,14 +146,14 @@ def relabel_kept(labels, keep):
     return out.reshape(labels.shape), m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def remove_small(labels, n, min_area):
     """Zero labels (ids 1..n) with fewer than ``min_area`` pixels; relabel 1..m keeping the id order."""
     area = areas(labels, n)
     return relabel_kept(labels, (area >= min_area) & (area > 0))
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def rescue(eroded, labels, n):
     """Eroded pixels plus the whole components of ``labels`` (ids 1..n) that have no eroded pixel."""
     survives = np.zeros(n + 1, np.bool_)
@@ -168,7 +168,7 @@ def rescue(eroded, labels, n):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def keep_groups(kept, groups, n, min_size):
     """Pixels of ``kept`` whose group (``groups`` id 1..n) holds at least ``min_size`` kept pixels."""
     count = np.zeros(n + 1, np.int64)
@@ -183,7 +183,7 @@ def keep_groups(kept, groups, n, min_size):
     return out
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def union_filter(labels, n, min_area):
     """CISCA's final filter: ids with fewer than ``min_area`` px, and pixels of 4-connected components
     of ``labels > 0`` with fewer than ``min_area`` px, become 0; the rest is renumbered 1..m in id order."""
@@ -200,13 +200,13 @@ def union_filter(labels, n, min_area):
 # ---------------------------------------------------------------- watershed
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _before(v1, k1, v2, k2):
     """Heap order of scikit-image's watershed: value, then age (the high 32 bits of the key)."""
     return v1 < v2 or (v1 == v2 and (k1 >> 32) < (k2 >> 32))
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _push(val, key, n, v, k):
     """Append (v, k) and sift it up (scikit-image's heap); returns the new size."""
     child = n
@@ -220,7 +220,7 @@ def _push(val, key, n, v, k):
     return n + 1
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True, nogil=True, inline="always")
 def _pop(val, key, n):
     """Drop the root: the last item goes to the root and sifts down (scikit-image's heap); new size."""
     n -= 1
@@ -241,7 +241,7 @@ def _pop(val, key, n):
     return n
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def pad_markers(markers, mask):
     """Raveled, 1-px zero-padded copies of ``markers * mask`` (int32) and ``mask`` for ``watershed``."""
     h, w = markers.shape
@@ -255,7 +255,7 @@ def pad_markers(markers, mask):
     return out, padded
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def watershed(image, output, mask, offsets):
     """Marker flooding on raveled, zero-padded arrays in scikit-image's exact order (value, then age;
     markers in raster order with age 0); a pushed pixel costs at least its parent's cost. ``output``
@@ -281,7 +281,7 @@ def watershed(image, output, mask, offsets):
 # ---------------------------------------------------------------- voting
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def vote_soft(inst, n, probs, background):
     """Per-instance sums of (K, H, W) probabilities, float64 (n + 1, K), each summed in raster order
     (as ``np.bincount``); a run of equal ids along a row is accumulated at once. Row 0 (background)
@@ -306,7 +306,7 @@ def vote_soft(inst, n, probs, background):
     return sums
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def vote_argmax(inst, n, probs, background):
     """Per-instance counts of each pixel's argmax class (first maximum, as ``np.argmax``): (n + 1, K);
     row 0 (background) stays 0 unless ``background``."""
@@ -325,7 +325,7 @@ def vote_argmax(inst, n, probs, background):
     return counts
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def lookup(inst, table):
     """``table[inst]`` for a (H, W) int32 map and a (n + 1,) uint8 table."""
     out = np.empty(inst.shape, np.uint8)

@@ -78,6 +78,12 @@ def neighbour_offsets(width: int, connectivity: int) -> np.ndarray:
     return np.array(four + ([-w2 - 1, -w2 + 1, w2 - 1, w2 + 1] if connectivity == 2 else []), np.int64)
 
 
+def check_flood_size(h: int, w: int) -> None:
+    """The watershed's heap keys hold 32-bit pixel indices of the padded image."""
+    if (h + 2) * (w + 2) >= 2**32:
+        raise ValueError(f"watershed: image of {h} x {w} px is too large (heap keys hold 32-bit indices)")
+
+
 def flood(padded_image: np.ndarray, markers: np.ndarray, mask: np.ndarray, connectivity: int) -> np.ndarray:
     """Watershed on a landscape already zero-padded by 1 px (no checks; for the pipelines).
 
@@ -89,8 +95,7 @@ def flood(padded_image: np.ndarray, markers: np.ndarray, mask: np.ndarray, conne
         (H, W) int32 labels.
     """
     h, w = markers.shape
-    if (h + 2) * (w + 2) >= 2**32:
-        raise ValueError(f"watershed: image of {h} x {w} px is too large (heap keys hold 32-bit indices)")
+    check_flood_size(h, w)
     out, padded_mask = _kernels.pad_markers(markers, mask)
     _kernels.watershed(padded_image.ravel(), out, padded_mask, neighbour_offsets(w + 2, connectivity))
     return out.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
