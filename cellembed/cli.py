@@ -117,6 +117,10 @@ def extract(
     input_policy: str = typer.Option("auto", help="auto (native-grid for CNN / hierarchical encoders, resize for "
                                      "ViTs) | resize (to the encoder's native size) | native-grid (keep the tile's scale)"),
     dtype: str = typer.Option("fp16", help="Storage dtype: fp16 | bf16 | fp32"),
+    codec: str = typer.Option("none", help="Per-level storage: none (every level in --dtype) | int8 (every level: "
+                              "per-tile, per-channel absmax scale, about half the bytes of fp16) | level=codec pairs, "
+                              "e.g. block_1=int8,block_6=fp16 (codecs fp16 | bf16 | fp32 | int8). Read back "
+                              "transparently (dequantized to --dtype)."),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),
@@ -305,7 +309,9 @@ def info(cache: Path = typer.Argument(..., help="Cache directory.")):
     for name, value in [
         ("cache_key", manifest["cache_key"]), ("encoder", enc.get("encoder")), ("weights", enc.get("weights_id")),
         ("blocks", enc.get("blocks")), ("input", f"{enc.get('input_policy')} {enc.get('input_hw')}"),
-        ("dtype / compute", f"{ident['dtype']} / {ident['compute']}"), ("dataset", json.dumps(ident["dataset"])),
+        ("dtype / compute", f"{ident['dtype']} / {ident['compute']}"),
+        ("codec", ", ".join(f"{k}={v}" for k, v in ident["codec"].items()) if "codec" in ident else "none"),
+        ("dataset", json.dumps(ident["dataset"])),
         ("split", f"{ident['split']['split']} ({ident['split']['scheme']})"),
         ("tiles", f"{manifest['n_samples']} of {manifest['n_tiles']}, {manifest['tile_size']} px"),
         ("classes", ", ".join(manifest["class_names"])), ("shards", len(manifest["shards"])),

@@ -387,3 +387,59 @@ def test_channel_statistics_are_exact_for_each_storage_dtype(dtype):
     assert rec["count"] == 12
     np.testing.assert_allclose(rec["sum"], f.sum(1).numpy(), rtol=1e-12)
     np.testing.assert_allclose(rec["sumsq"], (f * f).sum(1).numpy(), rtol=1e-12)
+
+
+def test_int8_codec_round_trips_within_half_a_step_and_halves_the_features(reference, tmp_path):
+    """``--codec int8``: every level stored as int8 with a per-tile, per-channel scale; read back as fp16 within
+    scale / 2 (plus fp16 rounding) of the fp16 cache's values; the cache key records the codec."""
+    ref_out, _ = reference
+    out = tmp_path / "int8"
+    extract(config(out, codec="int8"))
+    ref, q = open_cache(ref_out), open_cache(out)
+    assert q.manifest["identity"]["codec"] == {lv["name"]: "int8" for lv in q.manifest["levels"]}
+    assert "codec" not in ref.manifest["identity"] and q.cache_key != ref.cache_key
+    for a, b in zip(ref, q):
+        assert a.key == b.key
+        for x, y in zip(a.feats, b.feats):
+            assert y.dtype == torch.float16 and y.shape == x.shape
+            step = x.float().abs().amax(dim=(1, 2)) / 127  # the channel's quantization step
+            err = (y.float() - x.float()).abs().amax(dim=(1, 2))
+            assert (err <= step / 2 + 2e-3 * x.float().abs().amax(dim=(1, 2)) + 1e-6).all()
+        np.testing.assert_array_equal(a.inst_map, b.inst_map)
+    feats = lambda cache: sum(lv["channels"] * lv["grid"][0] * lv["grid"][1] for lv in cache.manifest["levels"])
+    assert feats(q) == feats(ref)
+    member = lambda out: next(p for p in out.glob("shard-*.tar"))
+    import tarfile
+    with tarfile.open(member(ref_out)) as ta, tarfile.open(member(out)) as tb:
+        size = lambda tar: sum(m.size for m in tar if m.name.endswith("feats.safetensors"))
+        assert size(tb) < 0.6 * size(ta)
+    for lv in q.manifest["levels"]:  # statistics from the dequantized values: close to the fp16 cache's
+        r = next(x for x in ref.manifest["levels"] if x["name"] == lv["name"])
+        np.testing.assert_allclose(lv["mean"], r["mean"], atol=0.02 * max(map(abs, r["std"])) + 1e-3)
+    assert verify_cache(out).ok
+
+
+def test_codec_per_level_and_bad_specs(tmp_path):
+    from cellembed.cache._codec import parse_codecs
+
+    names = ["block_1", "block_2"]
+    assert parse_codecs("none", names, "fp16") == {"block_1": "fp16", "block_2": "fp16"}
+    assert parse_codecs("int8", names, "fp16") == {"block_1": "int8", "block_2": "int8"}
+    assert parse_codecs("block_2=int8", names, "bf16") == {"block_1": "bf16", "block_2": "int8"}
+    with pytest.raises(ValueError, match="unknown level 'block_9'"):
+        parse_codecs("block_9=int8", names, "fp16")
+    with pytest.raises(ValueError, match="unknown codec 'int4'"):
+        parse_codecs("int4", names, "fp16")
+    out = tmp_path / "mixed"
+    levels = [lv["name"] for lv in open_dataset_levels()]
+    extract(config(out, codec=f"{levels[0]}=int8,{levels[-1]}=fp32"))
+    cache = open_cache(out)
+    sample = next(iter(cache))
+    assert sample.feats[0].dtype == torch.float16 and sample.feats[-1].dtype == torch.float32
+    assert cache.manifest["identity"]["codec"][levels[0]] == "int8"
+
+
+def open_dataset_levels():
+    from cellembed.encoders import build_encoder
+
+    return [{"name": lv.name} for lv in build_encoder("test_vit", weights="random", tile_size=64).levels]

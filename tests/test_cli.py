@@ -65,6 +65,8 @@ def test_encoders_table_lists_presets_with_licence():
     (["--dataset", "synthetic", "--device", "gpu"], "unknown device"),
     (["--dataset", "synthetic", "--folds", "folds.csv"], "--split train|val|test"),
     (["--dataset", "synthetic", "--out", "README.md"], "is a file"),
+    (["--dataset", "synthetic", "--codec", "int4"], "unknown codec 'int4'"),
+    (["--dataset", "synthetic", "--codec", "block_99=int8"], "unknown level 'block_99'"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     base = {"--encoder": "test_vit", "--weights": "random", "--out": str(tmp_path / "c")}
@@ -98,6 +100,7 @@ def test_synth_extract_info_verify(tmp_path):
     assert "tiles 6" in result.output
     info = run("info", str(cache))
     assert info.exit_code == 0 and read_manifest(cache)["cache_key"] in info.output and "block_" in info.output
+    assert "codec" in info.output and "none" in info.output
     assert run("verify", str(cache)).exit_code == 0
     shard = next(cache.glob("shard-*.tar"))
     shard.write_bytes(shard.read_bytes()[:300])

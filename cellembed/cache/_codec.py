@@ -86,8 +86,64 @@ def encode_gt(inst_map: np.ndarray, type_map: np.ndarray) -> bytes:
                     "type_map": torch.from_numpy(np.ascontiguousarray(type_map, dtype=np.uint8))})
 
 
+CODECS = ("fp16", "bf16", "fp32", "int8")
+"""Per-level storage: a float dtype, or ``int8`` (per-tile, per-channel absmax scale, stored beside the level as
+``<level>.scale`` in the cache's dtype; values dequantized to that dtype when read)."""
+
+
+def parse_codecs(spec: str | None, level_names: list[str], dtype: str) -> dict[str, str]:
+    """``--codec`` → {level: codec} for every level. ``spec``: None / "none" (every level in ``dtype``), one codec
+    for every level ("int8"), or ``level=codec`` pairs ("block_2=int8,block_5=fp16"; other levels in ``dtype``).
+
+    Raises:
+        ValueError: an unknown codec or level, naming the valid ones.
+    """
+    out = dict.fromkeys(level_names, dtype)
+    if spec is None or spec.strip() in ("", "none"):
+        return out
+    items = [x.strip() for x in spec.split(",") if x.strip()]
+    if len(items) == 1 and "=" not in items[0]:
+        items = [f"{n}={items[0]}" for n in level_names]
+    for item in items:
+        name, sep, codec = item.partition("=")
+        if not sep:
+            raise ValueError(f"--codec {spec!r}: give one codec for every level, or level=codec pairs")
+        if name not in out:
+            raise ValueError(f"--codec: unknown level {name!r}; the encoder's levels are {', '.join(level_names)}")
+        if codec not in CODECS:
+            raise ValueError(f"--codec: unknown codec {codec!r} for {name}; choose one of {', '.join(CODECS)}")
+        out[name] = codec
+    return out
+
+
+def quantize_int8(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(N, C, h, w) float → (int8 values, (N, C) scales in ``scale_dtype``) with ``x ≈ q * scale``, the scale being
+    each channel's absolute maximum over the tile / 127 (rounded to ``scale_dtype`` first, so the values are
+    rounded against the stored scale: error ≤ scale / 2). None when ``x`` holds a non-finite value (the writer
+    then refuses the tile with its usual message)."""
+    x = x.float()
+    amax = x.abs().amax(dim=(2, 3))
+    if not torch.isfinite(amax).all():
+        return None
+    scale = (amax / 127.0).to(scale_dtype)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(x / scale.float()[:, :, None, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def level_values(feats: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A stored level as floats: int8 levels dequantized with their ``<name>.scale`` (in the scale's dtype)."""
+    t = feats[name]
+    scale = feats.get(f"{name}.scale")
+    if scale is None:
+        return t
+    shape = (-1, 1, 1) if t.dim() == 3 else (*scale.shape, 1, 1)
+    return t.to(scale.dtype) * scale.reshape(shape)
+
+
 def encode_feats(feats: dict[str, torch.Tensor]) -> bytes:
-    """feats: name → contiguous CPU tensor, e.g. ``{"block_5": (C, h, w), "prefix_5": (P, C)}``."""
+    """feats: name → contiguous CPU tensor, e.g. ``{"block_5": (C, h, w), "prefix_5": (P, C)}`` (an int8 level
+    comes with ``"block_5.scale": (C,)``)."""
     return st_save({k: v.contiguous() for k, v in feats.items()})
 
 
@@ -105,6 +161,39 @@ def add_member(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
     tar.addfile(info, io.BytesIO(payload))
 
 
+_ST_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+              "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64}
+
+
+def load_tensors(data: bytes, names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` (default all) of a safetensors blob, copying only their bytes.
+
+    ``safetensors.torch.load`` builds every tensor of the blob; a cache holding every block of an encoder would
+    pay for all of them when a run reads two. Here the header is parsed and each wanted tensor is one slice copy.
+    Tensors not in the blob are simply absent from the result.
+
+    Raises:
+        ValueError: a malformed header or offsets outside the blob.
+    """
+    if len(data) < 8:
+        raise ValueError("safetensors blob shorter than its header length")
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    base = 8 + n
+    out = {}
+    for name in (names if names is not None else [k for k in header if k != "__metadata__"]):
+        info = header.get(name)
+        if info is None:
+            continue
+        dtype = _ST_DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        if not 0 <= begin <= end <= len(data) - base:
+            raise ValueError(f"tensor {name!r} lies outside the blob")
+        raw = np.frombuffer(data, np.uint8, end - begin, base + begin).copy()
+        out[name] = torch.from_numpy(raw).view(dtype).reshape(info["shape"])
+    return out
+
+
 def decode_sample(parts: dict[str, bytes], level_names: list[str], source: str = "") -> Sample:
     """Decode the members of one sample (member suffix → bytes) into a :class:`Sample`.
 
@@ -115,10 +204,11 @@ def decode_sample(parts: dict[str, bytes], level_names: list[str], source: str =
     if missing:
         raise ValueError(f"{source}: sample is missing {missing}; the shard is corrupt, rerun extract to rebuild it")
     meta = json.loads(parts[META])
-    feats = st_load(parts[FEATS])
+    wanted = [x for n in level_names for x in (n, f"{n}.scale", prefix_name(n))]
+    feats = load_tensors(parts[FEATS], wanted)  # only the levels asked for (a cache may hold many more)
     gt = st_load(parts[GT])
     try:
-        levels = [feats[n] for n in level_names]
+        levels = [level_values(feats, n) for n in level_names]
     except KeyError as err:
         raise ValueError(f"{source}: sample {meta['key']!r} lacks level {err}; cache does not match its manifest") from None
     has_prefix = bool(level_names) and prefix_name(level_names[0]) in feats

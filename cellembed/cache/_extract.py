@@ -14,7 +14,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from cellembed.cache._codec import encode_gt, encode_image, prefix_name
+from cellembed.cache._codec import encode_gt, encode_image, parse_codecs, prefix_name, quantize_int8
 from cellembed.cache._layout import existing_shard, has_cache, plan_repair, prepare_out, remove_stale, shard_done
 from cellembed.cache._manifest import (FORMAT_VERSION, MANIFEST, CacheError, build_manifest, cache_key, read_json,
                                        shard_name, sidecar_path, write_json_atomic)
@@ -42,6 +42,7 @@ class ExtractConfig:
     weights: str = "hub"
     input_policy: str = "auto"
     dtype: str = "fp16"
+    codec: str = "none"
     batch_size: int = 32
     device: str = "auto"
     num_workers: int = 2
@@ -117,7 +118,8 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     if config.augment_views:
         source, indices, shard_size = _with_views(source, selection, config)
     keys = [source.keys[i] for i in indices]
-    header = _header(config, header_source, selection, encoder, keys, tile_size, device, shard_size)
+    codecs = parse_codecs(config.codec, [lv.name for lv in encoder.levels], config.dtype)
+    header = _header(config, header_source, selection, encoder, keys, tile_size, device, shard_size, codecs)
     out = Path(config.out)
     if config.repair and not has_cache(out):
         raise CacheError(f"{out}: no cache to repair (no manifest.json); run extract without --repair")
@@ -218,7 +220,7 @@ def _compute_mode(device: torch.device, dtype: str) -> str:
     return "bf16-autocast" if device.type == "cuda" and dtype != "fp32" else "fp32"
 
 
-def _header(config, source, selection, encoder, keys, tile_size, device, shard_size: int) -> dict:
+def _header(config, source, selection, encoder, keys, tile_size, device, shard_size: int, codecs: dict) -> dict:
     import timm
 
     import cellembed
@@ -233,6 +235,8 @@ def _header(config, source, selection, encoder, keys, tile_size, device, shard_s
         "tiles": {"n": len(keys), "sha256": _keys_hash(keys), "size": tile_size},
         "shard_size": shard_size,
     }
+    if any(c != config.dtype for c in codecs.values()):  # absent for plain caches: their keys stay as they were
+        identity["codec"] = codecs
     if config.augment_views:
         identity["augment_views"] = {"copies": int(config.augment_views), "views": int(config.augment_views) + 1,
                                      "augment": "cisca-full", "seed": 0}
@@ -339,7 +343,8 @@ def _run(encoder, source, indices, todo, plan, header, out, config, device, prog
     try:
         for batch in batches:
             index = [positions[p] for p in batch["pos"]]
-            writer.put(_encode_batch(encoder, batch, index, level_names, config.dtype, device, copy_stream))
+            writer.put(_encode_batch(encoder, batch, index, level_names, config.dtype, device, copy_stream,
+                                     header["identity"].get("codec")))
             done += len(batch["key"])
             if progress:
                 progress(done, n_mine, writer.bytes_written)
@@ -416,15 +421,23 @@ def _forward(encoder, images, dtype: str, device):
 
 @torch.inference_mode()
 def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str], dtype: str, device,
-                  copy_stream) -> PendingBatch:
-    """Run the encoder, cast to the storage dtype on the device and start the copy to the host.
+                  copy_stream, codecs: dict | None = None) -> PendingBatch:
+    """Run the encoder, cast to each level's storage (``codecs``, default ``dtype`` everywhere; int8 quantized
+    here, on the device) and start the copy to the host.
 
     Nothing here waits for the device, so the next batch is launched while this one is being copied; the
     writer thread refuses non-finite features when it computes the channel statistics.
     """
     output = _forward(encoder, batch["image"].to(device, non_blocking=True), dtype, device)
     store = DTYPES[dtype]
-    feats = {n: f.to(store, memory_format=torch.contiguous_format) for n, f in zip(level_names, output.feats)}
+    feats = {}
+    for n, f in zip(level_names, output.feats):
+        codec = (codecs or {}).get(n, dtype)
+        packed = quantize_int8(f, store) if codec == "int8" else None
+        if packed is not None:
+            feats[n], feats[f"{n}.scale"] = packed[0].contiguous(), packed[1].contiguous()
+        else:  # a float codec, or int8 refused on non-finite values (the writer then names the level)
+            feats[n] = f.to(DTYPES.get(codec, store), memory_format=torch.contiguous_format)
     if output.prefix is not None:
         feats.update({prefix_name(n): p.to(store, memory_format=torch.contiguous_format)
                       for n, p in zip(level_names, output.prefix)})

@@ -43,8 +43,9 @@ class Cache:
         for path in self.shard_paths:
             yield from self.iter_shard(path)
 
-    def iter_shard(self, path: Path, check: bool = True) -> Iterator[Sample]:
-        """Decode the samples of one shard in order.
+    def iter_shard(self, path: Path, check: bool = True, level_names: list[str] | None = None) -> Iterator[Sample]:
+        """Decode the samples of one shard in order (only ``level_names``, default all cached levels: the others
+        are skipped without being decoded).
 
         With ``check`` the shard's bytes are hashed as they stream by and compared with the manifest's sha256
         once the shard is read, so silent corruption (flipped bytes inside a tensor) fails the read with a
@@ -57,7 +58,8 @@ class Cache:
             with open(path, "rb") as raw:
                 reader = _HashingReader(raw)
                 with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
-                    yield from _group_samples(tar, self.level_names, path, self.repair_hint)
+                    yield from _group_samples(tar, self.level_names if level_names is None else level_names, path,
+                                              self.repair_hint)
                 if expected is not None and reader.finish() != expected:
                     raise CacheError(f"{path}: corrupt shard (its sha256 differs from the manifest's); "
                                      f"{self.repair_hint}")

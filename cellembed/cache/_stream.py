@@ -138,19 +138,23 @@ def read_shards(spec: dict, shards: list[int]):
     """Generator stage: ``(occurrence id, Sample)`` for every occurrence of the samples of ``shards`` (a sample
     repeated per occurrence); decode errors → CacheError."""
     first, cache = occurrence_starts(spec).tolist(), spec["cache"]
+    served = [cache.level_names[j] for j in spec["level_idx"]]  # only these are decoded
+    read = lambda c, path: c.iter_shard(path, level_names=served)  # noqa: E731
     for s in shards:
-        for i, sample in read_shard(cache, s, spec["offsets"][s], spec["counts"][s]):
-            check_sample(sample, cache, cache.shard_paths[s])
+        for i, sample in read_shard(cache, s, spec["offsets"][s], spec["counts"][s], read):
+            check_sample(sample, cache, cache.shard_paths[s], spec["level_idx"])
             for occurrence in range(first[i], first[i + 1]):
                 yield occurrence, sample
 
 
-def check_sample(sample, cache, path) -> None:
-    """Refuse a decoded sample that does not fit the manifest: level shapes, (T, T, 3) uint8 image, (T, T)
-    maps, ids >= 0, types <= K. Damaged payload bytes that still decode land here instead of in a batch."""
+def check_sample(sample, cache, path, level_idx: list[int] | None = None) -> None:
+    """Refuse a decoded sample that does not fit the manifest: level shapes (of the decoded levels ``level_idx``,
+    default all), (T, T, 3) uint8 image, (T, T) maps, ids >= 0, types <= K. Damaged payload bytes that still
+    decode land here instead of in a batch."""
     m, problems = cache.manifest, []
     t, k = m["tile_size"], len(m["class_names"]) - 1
-    for lv, f in zip(m["levels"], sample.feats):
+    levels = m["levels"] if level_idx is None else [m["levels"][j] for j in level_idx]
+    for lv, f in zip(levels, sample.feats):
         if tuple(f.shape) != (lv["channels"], *lv["grid"]):
             problems.append(f"{lv['name']} has shape {tuple(f.shape)}, expected {(lv['channels'], *lv['grid'])}")
     if sample.image.shape != (t, t, 3) or sample.image.dtype != np.uint8:
@@ -217,8 +221,9 @@ def tile_class_counts(cache) -> np.ndarray:
 
 
 def prepare_sample(index: int, sample, v: int, spec: dict) -> dict:
-    """Select levels, apply dihedral variant ``v`` to levels, image and maps, compute targets after."""
-    feats = [sample.feats[j] for j in spec["level_idx"]]
+    """Apply dihedral variant ``v`` to the levels (``read_shards`` decoded the served ones only), image and maps,
+    compute targets after."""
+    feats = list(sample.feats)
     image = torch.from_numpy(sample.image if sample.image.flags.writeable else sample.image.copy()).permute(2, 0, 1)
     inst, typ = sample.inst_map, sample.type_map
     if v:

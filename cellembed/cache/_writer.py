@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from cellembed.cache._codec import (FEATS, GT, IMAGE, META, add_member, encode_feats, encode_gt, encode_image,
-                                    encode_meta, sample_key)
+                                    encode_meta, level_values, sample_key)
 from cellembed.cache._manifest import CacheError, sidecar_path, write_json_atomic
 from cellembed.cache._verify import file_sha256
 
@@ -64,7 +64,7 @@ class ChannelStats:
         """feats: name → (C, h, w) CPU tensor of one tile in its storage dtype. Nothing is added on error."""
         tile = {}
         for name in self._sum:
-            f = _float64(feats[name])
+            f = _float64(level_values(feats, name))
             tile[name] = f.sum(1), np.einsum("ij,ij->i", f, f), f.shape[1]
             if not np.isfinite(tile[name][1]).all():
                 raise NonFiniteFeatures(name, bool(np.isnan(tile[name][1]).any()))

@@ -69,14 +69,20 @@ def _finite(x):
 
 @njit(cache=True, nogil=True, fastmath={"nnan", "ninf"})
 def _minmax(x):
-    """``x.min(), x.max()`` in float64 for finite ``x`` (check with ``_finite`` first; min / max are exact,
-    so the vectorised reduction gives numpy's values)."""
+    """``x.min(), x.max()`` in float64 for finite ``x`` (check with ``_finite`` first). Min and max are exact in
+    any order; four interleaved accumulators let LLVM vectorise the reduction (as fast as numpy's)."""
     flat = x.ravel()
-    lo, hi = np.float64(flat[0]), np.float64(flat[0])
-    for i in range(flat.size):
+    n = flat.size
+    m = n - n % 4
+    l0 = l1 = l2 = l3 = h0 = h1 = h2 = h3 = np.float64(flat[0])
+    for i in range(0, m, 4):
+        a, b, c, d = np.float64(flat[i]), np.float64(flat[i + 1]), np.float64(flat[i + 2]), np.float64(flat[i + 3])
+        l0, l1, l2, l3 = (a if a < l0 else l0), (b if b < l1 else l1), (c if c < l2 else l2), (d if d < l3 else l3)
+        h0, h1, h2, h3 = (a if a > h0 else h0), (b if b > h1 else h1), (c if c > h2 else h2), (d if d > h3 else h3)
+    lo, hi = min(min(l0, l1), min(l2, l3)), max(max(h0, h1), max(h2, h3))
+    for i in range(m, n):
         v = np.float64(flat[i])
-        lo = min(lo, v)
-        hi = max(hi, v)
+        lo, hi = (v if v < lo else lo), (v if v > hi else hi)
     return lo, hi
 
 

@@ -142,6 +142,8 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
     torch.manual_seed(config.seed)
     model = build_decoder(config.decoder, source["levels"], source["tile_size"], config.head, num_classes,
                           image_skip=_image_skip(config), **_decoder_options(config)).to(device)
+    if device.type == "cuda":  # cuDNN's NHWC kernels under bf16 autocast; same weights and outputs
+        model = model.to(memory_format=torch.channels_last)
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     post = (Postprocess(config.head, config.postprocess) if config.postprocess
             else default_postprocess(config.head, {"identity": source["identity"]}, config.magnification))
