@@ -1,7 +1,7 @@
 """Cache compression and level selection: bytes, read speed and (on real tiles) the PQ cost of each codec.
 
 Part 1, bytes and reading (real CoNSeP train tiles when ``../shared/realdata`` is there, synthetic tiles
-otherwise): the packaged EfficientNet-Lite0 extracted with ``--codec none`` (fp16), ``--codec int8`` and a mix
+otherwise): the packaged EfficientNet-Lite0 extracted with ``--codec none`` (fp16), ``int8``, ``int4`` and a mix
 (int8 for the two large high-resolution levels, fp16 for the others), each with its feature bytes per tile, its
 whole cache per tile, the size ratio to fp16, the worst relative error of the read-back features and the time to
 read and decode every sample (``Cache`` iteration, best of 3). Then an fp16 cache holding all seven stage ends
@@ -13,12 +13,15 @@ images (split by source image as in ``quality_consep.py``: 288 / 48 / 96 tiles),
 options at their defaults, and each run is scored on the test split; mean ± sd over seeds and the paired
 difference int8 − fp16.
 
+``--no-fit`` measures part 1 only and keeps the PQ rows of the previous results file (``results/codec_cpu.json``).
+
     python benchmarks/codec.py [--seeds 0 1 2] [--epochs 10] [--no-fit]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import tarfile
@@ -30,14 +33,15 @@ import numpy as np
 import torch
 
 try:
-    from benchmarks._common import REALDATA, machine, write_results
+    from benchmarks._common import REALDATA, RESULTS, machine, write_results
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import REALDATA, machine, write_results
+    from _common import REALDATA, RESULTS, machine, write_results
 
 ENCODER = "efficientnet_lite0_in1k"
 GROUPS = r"(.+)_\d+$"
-ALL_STAGES = "0,2,4,7,10,14,15"
-CODECS = {"fp16": "none", "int8": "int8", "int8 (levels 1-2), fp16": None}  # None: filled with the level names
+ALL_STAGES = "all"  # EfficientNet-Lite0: its seven stage ends 0,2,4,7,10,14,15
+CODECS = {"fp16": "none", "int8": "int8", "int4": "int4",
+          "int8 (levels 1-2), fp16": None}  # None: filled with the level names
 
 
 def consep() -> Path | None:
@@ -185,15 +189,22 @@ def main() -> None:
     t0 = time.perf_counter()
     try:
         sizes, levels, _ = size_rows(tmp, args.workers)
-        fits = [] if args.no_fit or consep() is None else fit_rows(tmp, args.seeds, args.epochs, args.workers)
+        if args.no_fit:
+            old = RESULTS / "codec_cpu.json"
+            previous = json.loads(old.read_text()) if old.is_file() else {}
+            fits = previous.get("fits", [])
+            args.epochs = previous.get("args", {}).get("epochs", args.epochs)
+        else:
+            fits = [] if consep() is None else fit_rows(tmp, args.seeds, args.epochs, args.workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     data = "CoNSeP train split (288 tiles of 256²)" if consep() else "64 synthetic 256² tiles (no ../shared here)"
     description = (
         f"{data}, EfficientNet-Lite0 (packaged ImageNet weights), CPU. Feature bytes = the feats.safetensors members "
-        "of every shard; cache bytes = the whole shards (image PNG, ground truth, metadata included). int8: per tile "
-        "and per channel, the absolute maximum / 127 as scale (stored in fp16 beside the level), values read back "
-        "as fp16; error = largest |int8 read-back − fp16| over the channel's absolute maximum. Reading: every sample "
+        "of every shard; cache bytes = the whole shards (image PNG, ground truth, metadata included). int8 / int4: "
+        "per tile and per channel, the absolute maximum / 127 (int8) or / 7 (int4, two values per byte) as scale "
+        "(stored in fp16 beside the level), values read back as fp16; error = largest |read-back − fp16| over the "
+        "channel's absolute maximum. Reading: every sample "
         "of the cache decoded in this process (tar, safetensors, PNG), best of 3.")
     summary = summary_rows(fits) if fits else []
     payload = {"machine": machine(), "sizes": sizes, "levels": levels, "fits": fits, "summary": summary,

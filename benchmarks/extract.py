@@ -208,14 +208,18 @@ def _per_tile(fn, n: int, repeats: int = 3) -> float:
     return best / n * 1e3
 
 
-def tile_bytes(levels, prefix_tokens: int, nbytes: int, png: float, meta: float, tile: int) -> float:
-    """Bytes of one cache sample: tar members (512-byte headers, 512-byte blocks) of its four files."""
-    shapes = {lv.name: (lv.channels, *lv.grid) for lv in levels}
-    if prefix_tokens:
-        shapes.update({"prefix_" + lv.name.split("_", 1)[1]: (prefix_tokens, lv.channels) for lv in levels})
+def tile_bytes(levels, prefix_tokens: int, nbytes: int, png: float, meta: float, tile: int,
+               int8: bool = False) -> float:
+    """Bytes of one cache sample: tar members (512-byte headers, 512-byte blocks) of its four files. ``int8``:
+    the levels as ``extract --codec int8`` stores them (int8 values and a (C,) scale in the ``nbytes`` dtype)."""
     dtype = {2: torch.float16, 4: torch.float32}[nbytes]
-    feats = len(encode_feats({k: torch.zeros((1,) * len(s), dtype=dtype).expand(*s).contiguous()
-                              for k, s in shapes.items()}))
+    shapes = {lv.name: ((lv.channels, *lv.grid), torch.int8 if int8 else dtype) for lv in levels}
+    if int8:
+        shapes.update({f"{lv.name}.scale": ((lv.channels,), dtype) for lv in levels})
+    if prefix_tokens:
+        shapes.update({"prefix_" + lv.name.split("_", 1)[1]: ((prefix_tokens, lv.channels), dtype) for lv in levels})
+    feats = len(encode_feats({k: torch.zeros((1,) * len(s), dtype=t).expand(*s).contiguous()
+                              for k, (s, t) in shapes.items()}))
     gt = len(encode_gt(np.zeros((tile, tile), np.int32), np.zeros((tile, tile), np.uint8)))
     return sum(512 + 512 * math.ceil(b / 512) for b in (feats, gt, png, meta))
 
@@ -241,6 +245,9 @@ def projections(png: float, meta: float) -> list[dict]:
             row[f"MB/tile {dtype}"] = round(sizes["resize", dtype] / 1e6, 3)
         for dtype in ("fp16", "fp32"):
             row[f"PanNuke GB {dtype}"] = round(_cache_bytes(sizes["resize", dtype]) / 1e9, 2)
+        int8 = tile_bytes(make_levels(spec, blocks, input_hw_for(spec, "resize", PANNUKE_SIZE), PANNUKE_SIZE), prefix,
+                          2, png, meta, PANNUKE_SIZE, int8=True)
+        row["PanNuke GB int8 (--codec int8)"] = round(_cache_bytes(int8) / 1e9, 2)
         row["PanNuke GB fp16 native-grid"] = round(_cache_bytes(sizes["native-grid", "fp16"]) / 1e9, 2)
         rows.append(row)
     return rows

@@ -112,15 +112,17 @@ def extract(
     split: str = typer.Option("all", help="all | train | val | test"),
     folds: Path | None = typer.Option(None, help="A folds.csv (img_id,fold with 0/1/2 = train/val/test)."),
     scheme: str | None = typer.Option(None, help="Split scheme: pannuke-official[:T,V,E] | cisca | folds-csv | all."),
-    blocks: str = typer.Option("default", help="shallow | deep | mixed | stages | default | explicit list like 2,5,10,20"),
+    blocks: str = typer.Option("default", help="shallow | deep | mixed | stages | default | all (every block; every "
+                               "stage end of hierarchical models: pick subsets at fit time with fit-decoder --levels) "
+                               "| explicit list like 2,5,10,20"),
     weights: str = typer.Option("hub", help="hub | random | packaged | PATH to a weights file"),
     input_policy: str = typer.Option("auto", help="auto (native-grid for CNN / hierarchical encoders, resize for "
                                      "ViTs) | resize (to the encoder's native size) | native-grid (keep the tile's scale)"),
     dtype: str = typer.Option("fp16", help="Storage dtype: fp16 | bf16 | fp32"),
-    codec: str = typer.Option("none", help="Per-level storage: none (every level in --dtype) | int8 (every level: "
-                              "per-tile, per-channel absmax scale, about half the bytes of fp16) | level=codec pairs, "
-                              "e.g. block_1=int8,block_6=fp16 (codecs fp16 | bf16 | fp32 | int8). Read back "
-                              "transparently (dequantized to --dtype)."),
+    codec: str = typer.Option("none", help="Per-level storage: none (every level in --dtype) | int8 | int4 (every "
+                              "level quantized with a per-tile, per-channel absmax scale: about 1/2 and 1/4 of the "
+                              "fp16 feature bytes) | level=codec pairs, e.g. block_1=int8,block_6=fp16 (codecs "
+                              "fp16 | bf16 | fp32 | int8 | int4). Read back transparently (dequantized to --dtype)."),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),
@@ -188,11 +190,12 @@ def _merge_config(ctx: typer.Context, path: Path | None, cls, fields: dict):
 @app.command("fit-decoder")
 def fit_decoder(
     ctx: typer.Context,
-    cache: Path | None = typer.Argument(None, help="Training cache (from `cellembed extract`); not with --source live."),
+    cache: str | None = typer.Argument(None, help="Training cache (from `cellembed extract`): a directory, or a remote "
+                                        "location (s3://bucket/cache, pipe:cat /data/cache/{}); not with --source live."),
     out: Path | None = typer.Option(None, help="Run directory: model.safetensors (best), config.json, "
                                        "metrics.jsonl, curves.png, last.* (resume state). [required]"),
-    val_cache: Path | None = typer.Option(None, help="Validation cache from the same encoder and blocks: "
-                                             "losses, PQ and mPQ+ every epoch."),
+    val_cache: str | None = typer.Option(None, help="Validation cache (directory or remote location) from the same "
+                                         "encoder and blocks: losses, PQ and mPQ+ every epoch."),
     config: Path | None = typer.Option(None, help="YAML file with any of these options (field names of "
                                           "cellembed.train.FitConfig); options given here win."),
     decoder: str = typer.Option("unetr", help="unetr (Mind the Gap) | light (FM benchmark, ~2.6 M parameters)"),
@@ -295,7 +298,8 @@ def fit_decoder(
 
 
 @app.command()
-def info(cache: Path = typer.Argument(..., help="Cache directory.")):
+def info(cache: str = typer.Argument(..., help="Cache directory, or a remote location (s3://bucket/cache, "
+                                               "pipe:cat /data/cache/{}).")):
     """Print a cache's manifest as tables."""
     from cellembed.cache import CacheError, read_manifest
 
@@ -332,9 +336,11 @@ def info(cache: Path = typer.Argument(..., help="Cache directory.")):
 
 
 @app.command()
-def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
+def verify(cache: str = typer.Argument(..., help="Cache directory, or a remote location (each shard streamed and "
+                                                 "hashed).")):
     """Re-hash every shard and report any that is missing, truncated or corrupt."""
     from cellembed.cache import CacheError, verify_cache
+    from cellembed.cache._location import is_remote, member_url
 
     try:
         with _progress_bar() as bar:
@@ -345,7 +351,8 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
         _fail(err)
     for p in report.problems:
         colour = "yellow" if p.problem == "unlisted" else "red"
-        _stdout().print(f"[{colour}]{p.problem:9s}[/] {cache / p.shard}: {p.detail}")
+        where = member_url(cache, p.shard) if is_remote(cache) else Path(cache) / p.shard
+        _stdout().print(f"[{colour}]{p.problem:9s}[/] {where}: {p.detail}")
     if report.ok:
         _stdout().print(f"[green]ok[/] {report.n_shards} shards, {report.n_samples} tiles, "
                           f"{report.n_bytes / 1e6:.1f} MB verified")
@@ -358,7 +365,8 @@ def verify(cache: Path = typer.Argument(..., help="Cache directory.")):
 @app.command()
 def score(
     run: Path | None = typer.Argument(None, help="A run from `cellembed fit-decoder` (with --cache)."),
-    cache: Path | None = typer.Option(None, help="Test cache of the run's encoder: predict, post-process, score."),
+    cache: str | None = typer.Option(None, help="Test cache of the run's encoder (directory or remote location): "
+                                      "predict, post-process, score."),
     out: Path | None = typer.Option(None, help="With RUN: output folder (default RUN/score-<cache name>)."),
     pred: Path | None = typer.Option(None, help="Predictions .npy: (N, H, W, 2) instance + type, or (N, H, W) "
                                         "instances."),
@@ -485,7 +493,7 @@ def _print_scores(result: dict, title: str) -> None:
 @app.command()
 def tune(
     run: Path = typer.Argument(..., help="A run from `cellembed fit-decoder`."),
-    cache: Path = typer.Option(..., help="Validation cache of the run's encoder."),
+    cache: str = typer.Option(..., help="Validation cache of the run's encoder (directory or remote location)."),
     metric: str = typer.Option("pq", help="Summary metric to maximise: pq | mpq_plus | aji | ..."),
     areas: str | None = typer.Option(None, help="Candidate minimum areas, e.g. 0,20,40,80 (default: the "
                                         "preset's area x 0..2)."),

@@ -65,7 +65,7 @@ def test_encoders_table_lists_presets_with_licence():
     (["--dataset", "synthetic", "--device", "gpu"], "unknown device"),
     (["--dataset", "synthetic", "--folds", "folds.csv"], "--split train|val|test"),
     (["--dataset", "synthetic", "--out", "README.md"], "is a file"),
-    (["--dataset", "synthetic", "--codec", "int4"], "unknown codec 'int4'"),
+    (["--dataset", "synthetic", "--codec", "int2"], "unknown codec 'int2'"),
     (["--dataset", "synthetic", "--codec", "block_99=int8"], "unknown level 'block_99'"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):

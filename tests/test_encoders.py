@@ -133,6 +133,9 @@ def test_resolve_blocks_forms_and_errors():
     assert resolve_blocks(vit, "20, 2,5") == (2, 5, 20)
     assert resolve_blocks(vit, [23, 0]) == (0, 23)
     assert resolve_blocks(cnx, "stages") == (2, 5, 32, 35) == resolve_blocks(cnx, [35, 32, 5, 2])
+    assert resolve_blocks(vit, "all") == tuple(range(24))  # every block of a ViT, every stage end otherwise
+    assert resolve_blocks(cnx, "all") == (2, 5, 32, 35)
+    assert resolve_blocks(get_spec("efficientnet_lite0_in1k"), "all") == (0, 2, 4, 7, 10, 14, 15)
     with pytest.raises(ValueError, match="presets: shallow=.*deep=.*mixed="):
         resolve_blocks(vit, "medium")
     with pytest.raises(ValueError, match="out of range 0..23"):

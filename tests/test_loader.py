@@ -523,3 +523,43 @@ def test_decoder_maps_tta_averages_back_in_the_tile_frame():
     _, avg = decoder_maps(Exact(), batch, torch.device("cpu"), tta=True)
     assert plain.keys() == avg.keys() and all(np.allclose(plain[k], avg[k], atol=1e-5) for k in plain)
     assert np.abs(plain["directions"]).max() > 0.5
+
+
+def test_cache_at_a_pipe_url_reads_like_the_directory(tmp_path):
+    """A cache given as a location WebDataset opens (here ``pipe:cat DIR/{}``): manifest and shards are read
+    through the command; samples, loaders, fit-decoder, score and info behave as with the directory."""
+    from typer.testing import CliRunner
+
+    from cellembed.cache import ExtractConfig, extract
+    from cellembed.cli import app
+    from cellembed.evaluate import score_run
+    from cellembed.train import FitConfig, fit_decoder
+
+    for name, seed in (("cache", 2), ("val", 3)):
+        extract(ExtractConfig(dataset="synthetic", out=str(tmp_path / name), encoder="test_vit", weights="random",
+                              device="cpu", num_workers=0, shard_size=3, batch_size=4,
+                              dataset_options={"n_tiles": 7, "seed": seed, "size": 64}))
+    local, url, val = tmp_path / "cache", f"pipe:cat {tmp_path}/cache/{{}}", f"pipe:cat {tmp_path}/val/{{}}"
+    a, b = open_cache(local), open_cache(url)
+    assert b.remote and b.manifest == a.manifest and len(b.shard_paths) == 3
+    for x, y in zip(a, b):
+        assert x.key == y.key and all(torch.equal(f, g) for f, g in zip(x.feats, y.feats))
+        assert np.array_equal(x.inst_map, y.inst_map)
+    for memory in ("stream", "ram"):
+        for batch_a, batch_b in zip(make_loader(a, batch_size=4, memory=memory, num_workers=1, shuffle=False),
+                                    make_loader(url, batch_size=4, memory=memory, num_workers=1, shuffle=False)):
+            assert batch_a.keys == batch_b.keys and torch.equal(batch_a.feats[0], batch_b.feats[0])
+    fit = fit_decoder(FitConfig(out=str(tmp_path / "run"), cache=url, val_cache=val, epochs=1, batch_size=4,
+                                device="cpu", num_workers=0, lr=1e-3))
+    scores = score_run(fit.run_dir, val, device="cpu", num_workers=0, n_overlays=0)
+    assert scores.out.name == "score-val" and 0.0 <= scores.metrics["summary"]["pq"] <= 1.0
+    info = CliRunner().invoke(app, ["info", url])
+    assert info.exit_code == 0 and a.cache_key in info.output
+    assert CliRunner().invoke(app, ["verify", url]).exit_code == 0
+    shard = sorted(local.glob("shard-*.tar"))[1]
+    shard.write_bytes(shard.read_bytes()[:400])
+    bad = CliRunner().invoke(app, ["verify", url])
+    assert bad.exit_code == 1 and "truncated" in bad.output and shard.name in bad.output
+    missing = CliRunner().invoke(app, ["info", f"pipe:cat {tmp_path}/nowhere/{{}}"])
+    assert missing.exit_code == 2 and "cannot read the cache's manifest" in missing.output
+    assert "Traceback" not in missing.output

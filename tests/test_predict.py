@@ -127,8 +127,10 @@ def test_stitched_cells_match_the_whole_image(tiny_run, big_image, tmp_path):
     # the tiny model's weak directional maps make CISCA's per-region min-max scaling matter (see _tiling);
     # the oracle test below checks the seams with maps as sharp as a trained model's
     assert _f1(stitched[..., 0], whole[..., 0]) >= 0.85
+    # its PQ is ~0.1-0.15 and moves by up to 0.02 between stitched and whole depending on the machine's float
+    # arithmetic (the tiny model trains differently per CPU); a seam that cut or doubled cells would cost far more
     pq = {k: score_arrays(v[None, ..., 0], tile.inst_map[None])["summary"]["pq"] for k, v in outs.items()}
-    assert abs(pq[128] - pq[None]) <= 0.01, pq
+    assert abs(pq[128] - pq[None]) <= 0.03, pq
 
 
 def _oracle_maps(self, tiles):

@@ -86,9 +86,12 @@ def encode_gt(inst_map: np.ndarray, type_map: np.ndarray) -> bytes:
                     "type_map": torch.from_numpy(np.ascontiguousarray(type_map, dtype=np.uint8))})
 
 
-CODECS = ("fp16", "bf16", "fp32", "int8")
-"""Per-level storage: a float dtype, or ``int8`` (per-tile, per-channel absmax scale, stored beside the level as
-``<level>.scale`` in the cache's dtype; values dequantized to that dtype when read)."""
+CODECS = ("fp16", "bf16", "fp32", "int8", "int4")
+"""Per-level storage: a float dtype, ``int8`` or ``int4`` (per-tile, per-channel absmax scale stored beside the level
+as ``<level>.scale`` in the cache's dtype; int4 packs two values per byte, low nibble first, over each channel's
+h·w values, with ``<level>.shape`` holding (C, h, w)). Quantized levels are dequantized to the scale's dtype when
+read."""
+QUANT_LEVELS = {"int8": 127, "int4": 7}
 
 
 def parse_codecs(spec: str | None, level_names: list[str], dtype: str) -> dict[str, str]:
@@ -116,34 +119,52 @@ def parse_codecs(spec: str | None, level_names: list[str], dtype: str) -> dict[s
     return out
 
 
-def quantize_int8(x: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(N, C, h, w) float → (int8 values, (N, C) scales in ``scale_dtype``) with ``x ≈ q * scale``, the scale being
-    each channel's absolute maximum over the tile / 127 (rounded to ``scale_dtype`` first, so the values are
-    rounded against the stored scale: error ≤ scale / 2). None when ``x`` holds a non-finite value (the writer
-    then refuses the tile with its usual message)."""
+def quantize(x: torch.Tensor, codec: str, scale_dtype: torch.dtype) -> dict[str, torch.Tensor] | None:
+    """(N, C, h, w) float → the stored tensors of an ``int8`` / ``int4`` level (suffixes "", ".scale", and for int4
+    ".shape"; batch-first) with ``x ≈ q * scale``, the scale being each channel's absolute maximum over the tile
+    / 127 (int8) or / 7 (int4), rounded to ``scale_dtype`` first so that the values are rounded against the stored
+    scale: error ≤ scale / 2. None when ``x`` holds a non-finite value (the writer then refuses the tile with its
+    usual message)."""
+    top = QUANT_LEVELS[codec]
     x = x.float()
     amax = x.abs().amax(dim=(2, 3))
     if not torch.isfinite(amax).all():
         return None
-    scale = (amax / 127.0).to(scale_dtype)
+    scale = (amax / top).to(scale_dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(x / scale.float()[:, :, None, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
+    q = torch.round(x / scale.float()[:, :, None, None]).clamp_(-top, top).to(torch.int8)
+    if codec == "int8":
+        return {"": q.contiguous(), ".scale": scale.contiguous()}
+    n, c, h, w = q.shape
+    flat = q.reshape(n, c, h * w)
+    if (h * w) % 2:
+        flat = torch.nn.functional.pad(flat, (0, 1))
+    nibbles = (flat & 0x0F).to(torch.uint8)  # two's complement nibbles
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    shape = torch.tensor([c, h, w], dtype=torch.int32).expand(n, 3)
+    return {"": packed.contiguous(), ".scale": scale.contiguous(), ".shape": shape.contiguous()}
 
 
 def level_values(feats: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """A stored level as floats: int8 levels dequantized with their ``<name>.scale`` (in the scale's dtype)."""
+    """A stored level as floats: int8 / int4 levels dequantized with their ``<name>.scale`` (in the scale's dtype).
+    Works on one tile's tensors ((C, h, w) values, (C,) scale) and on a batch's (leading N)."""
     t = feats[name]
     scale = feats.get(f"{name}.scale")
     if scale is None:
         return t
-    shape = (-1, 1, 1) if t.dim() == 3 else (*scale.shape, 1, 1)
-    return t.to(scale.dtype) * scale.reshape(shape)
+    shape = feats.get(f"{name}.shape")
+    if shape is not None:  # int4: unpack the nibbles (sign-extended), drop the pad, restore (C, h, w)
+        c, h, w = (int(v) for v in shape.reshape(-1, 3)[0])
+        low = (t & 0x0F).to(torch.int8)
+        high = (t >> 4).to(torch.int8)
+        vals = torch.stack([low, high], -1).reshape(*t.shape[:-1], -1)[..., :h * w]
+        t = torch.where(vals > 7, vals - 16, vals).reshape(*t.shape[:-2], c, h, w)
+    return t.to(scale.dtype) * scale.reshape(*scale.shape, 1, 1)
 
 
 def encode_feats(feats: dict[str, torch.Tensor]) -> bytes:
-    """feats: name → contiguous CPU tensor, e.g. ``{"block_5": (C, h, w), "prefix_5": (P, C)}`` (an int8 level
-    comes with ``"block_5.scale": (C,)``)."""
+    """feats: name → contiguous CPU tensor, e.g. ``{"block_5": (C, h, w), "prefix_5": (P, C)}`` (a quantized level
+    comes with ``"block_5.scale": (C,)``, int4 also with ``"block_5.shape"``)."""
     return st_save({k: v.contiguous() for k, v in feats.items()})
 
 
@@ -204,7 +225,7 @@ def decode_sample(parts: dict[str, bytes], level_names: list[str], source: str =
     if missing:
         raise ValueError(f"{source}: sample is missing {missing}; the shard is corrupt, rerun extract to rebuild it")
     meta = json.loads(parts[META])
-    wanted = [x for n in level_names for x in (n, f"{n}.scale", prefix_name(n))]
+    wanted = [x for n in level_names for x in (n, f"{n}.scale", f"{n}.shape", prefix_name(n))]
     feats = load_tensors(parts[FEATS], wanted)  # only the levels asked for (a cache may hold many more)
     gt = st_load(parts[GT])
     try:

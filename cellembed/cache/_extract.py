@@ -14,7 +14,7 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from cellembed.cache._codec import encode_gt, encode_image, parse_codecs, prefix_name, quantize_int8
+from cellembed.cache._codec import QUANT_LEVELS, encode_gt, encode_image, parse_codecs, prefix_name, quantize
 from cellembed.cache._layout import existing_shard, has_cache, plan_repair, prepare_out, remove_stale, shard_done
 from cellembed.cache._manifest import (FORMAT_VERSION, MANIFEST, CacheError, build_manifest, cache_key, read_json,
                                        shard_name, sidecar_path, write_json_atomic)
@@ -423,7 +423,7 @@ def _forward(encoder, images, dtype: str, device):
 def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str], dtype: str, device,
                   copy_stream, codecs: dict | None = None) -> PendingBatch:
     """Run the encoder, cast to each level's storage (``codecs``, default ``dtype`` everywhere; int8 quantized
-    here, on the device) and start the copy to the host.
+    / int4 quantized here, on the device) and start the copy to the host.
 
     Nothing here waits for the device, so the next batch is launched while this one is being copied; the
     writer thread refuses non-finite features when it computes the channel statistics.
@@ -433,10 +433,10 @@ def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str]
     feats = {}
     for n, f in zip(level_names, output.feats):
         codec = (codecs or {}).get(n, dtype)
-        packed = quantize_int8(f, store) if codec == "int8" else None
+        packed = quantize(f, codec, store) if codec in QUANT_LEVELS else None
         if packed is not None:
-            feats[n], feats[f"{n}.scale"] = packed[0].contiguous(), packed[1].contiguous()
-        else:  # a float codec, or int8 refused on non-finite values (the writer then names the level)
+            feats.update({n + suffix: t for suffix, t in packed.items()})
+        else:  # a float codec, or a quantized one refused on non-finite values (the writer then names the level)
             feats[n] = f.to(DTYPES.get(codec, store), memory_format=torch.contiguous_format)
     if output.prefix is not None:
         feats.update({prefix_name(n): p.to(store, memory_format=torch.contiguous_format)

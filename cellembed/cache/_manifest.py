@@ -63,15 +63,32 @@ def read_json(path: Path, what: str) -> dict:
 
 
 def read_manifest(cache_dir: str | Path) -> dict:
-    """Load ``manifest.json`` of a cache, checking its format version."""
+    """Load ``manifest.json`` of a cache (a directory, or a remote location: ``cellembed.cache._location``),
+    checking its format version."""
+    from cellembed.cache._location import is_remote, local_path, member_url, read_member
+
+    if is_remote(cache_dir):
+        url = member_url(str(cache_dir), MANIFEST)
+        try:
+            manifest = json.loads(read_member(str(cache_dir), MANIFEST))
+        except OSError as err:
+            raise CacheError(f"{url}: cannot read the cache's manifest ({err}); check the location (a directory URL, "
+                             "or a pipe: command with {} where the file name goes)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CacheError(f"{url}: manifest.json is not valid JSON ({err})") from None
+        return _check_version(manifest, url)
+    cache_dir = local_path(cache_dir)
     if not (Path(cache_dir) / MANIFEST).is_file() and (Path(cache_dir) / PARTS).is_dir():
         raise CacheError(f"{cache_dir}: incomplete cache (extraction interrupted, or other ranks still writing); "
                          "rerun the same `cellembed extract` command to finish it")
-    manifest = read_json(Path(cache_dir) / MANIFEST, "manifest.json")
+    return _check_version(read_json(Path(cache_dir) / MANIFEST, "manifest.json"), Path(cache_dir) / MANIFEST)
+
+
+def _check_version(manifest: dict, where) -> dict:
     version = manifest.get("format_version")
     if version != FORMAT_VERSION:
-        raise CacheError(f"{Path(cache_dir) / MANIFEST}: format version {version}, this cellembed reads "
-                         f"{FORMAT_VERSION}; re-extract the cache with this version")
+        raise CacheError(f"{where}: format version {version}, this cellembed reads {FORMAT_VERSION}; re-extract the "
+                         "cache with this version")
     return manifest
 
 

@@ -6,9 +6,10 @@ import hashlib
 import io
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from cellembed.cache._codec import Sample, decode_sample
+from cellembed.cache._location import close_stream, is_remote, local_path, member_url, open_url
 from cellembed.cache._manifest import CacheError, read_manifest
 
 
@@ -16,7 +17,8 @@ class Cache:
     """A feature cache on disk.
 
     Args:
-        path: the cache directory (holding ``manifest.json`` and ``shard-*.tar``).
+        path: the cache directory (holding ``manifest.json`` and ``shard-*.tar``), or a remote location
+            (``pipe:cat /data/cache/{}``, ``s3://bucket/cache``; see ``cellembed.cache._location``).
 
     Attributes:
         manifest: the parsed manifest.
@@ -24,7 +26,8 @@ class Cache:
     """
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.remote = is_remote(path)
+        self.path = str(path) if self.remote else local_path(path)
         self.manifest = read_manifest(self.path)
         self.level_names = [lv["name"] for lv in self.manifest["levels"]]
 
@@ -33,8 +36,19 @@ class Cache:
         return self.manifest["cache_key"]
 
     @property
-    def shard_paths(self) -> list[Path]:
+    def shard_paths(self) -> list:
+        """Every shard's path (a URL string for a remote cache), in cache order."""
+        if self.remote:
+            return [member_url(self.path, s["name"]) for s in self.manifest["shards"]]
         return [self.path / s["name"] for s in self.manifest["shards"]]
+
+    def open_shard(self, path) -> IO[bytes]:
+        """A binary stream of one of ``shard_paths`` (close it with ``close_stream`` for remote caches)."""
+        if self.remote:
+            return open_url(path)
+        if not Path(path).is_file():
+            raise CacheError(f"{path}: shard missing; {self.repair_hint}")
+        return open(path, "rb")
 
     def __len__(self) -> int:
         return self.manifest["n_samples"]
@@ -51,11 +65,11 @@ class Cache:
         once the shard is read, so silent corruption (flipped bytes inside a tensor) fails the read with a
         ``CacheError`` after the shard's last sample instead of going unnoticed.
         """
-        if not path.is_file():
-            raise CacheError(f"{path}: shard missing; {self.repair_hint}")
-        expected = self._sha256.get(path.name) if check else None
+        name = str(path).rsplit("/", 1)[-1] if not self.remote else self._names.get(path, "")
+        expected = self._sha256.get(name) if check else None
         try:
-            with open(path, "rb") as raw:
+            raw = self.open_shard(path)
+            try:
                 reader = _HashingReader(raw)
                 with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
                     yield from _group_samples(tar, self.level_names if level_names is None else level_names, path,
@@ -63,13 +77,22 @@ class Cache:
                 if expected is not None and reader.finish() != expected:
                     raise CacheError(f"{path}: corrupt shard (its sha256 differs from the manifest's); "
                                      f"{self.repair_hint}")
+            finally:
+                close_stream(raw, str(path))
         except (tarfile.TarError, EOFError, OSError) as err:
             raise CacheError(f"{path}: unreadable shard ({err}); {self.repair_hint}") from None
 
     @property
     def repair_hint(self) -> str:
+        if self.remote:
+            return ("the remote copy of this cache is damaged or unreachable; copy the cache again from a verified "
+                    "source (`cellembed verify` on the local original)")
         return (f"run `cellembed verify {self.path}`, then rerun the extract command that made it with --repair "
                 "to rebuild the bad shards")
+
+    @property
+    def _names(self) -> dict[str, str]:
+        return {member_url(self.path, s["name"]): s["name"] for s in self.manifest["shards"]}
 
     @property
     def _sha256(self) -> dict[str, str]:

@@ -195,14 +195,18 @@ def read_shard(cache, s: int, offset: int, count: int, read=None):
 
 def read_class_counts(cache, path):
     """Iterate the (K + 1,) instance class counts of a shard's samples, decoding only their ``gt.safetensors``."""
-    if not path.is_file():
-        raise CacheError(f"{path}: shard missing; run `cellembed verify {cache.path}` and re-extract")
+    from cellembed.cache._location import close_stream
+
     k = len(cache.manifest["class_names"]) - 1
-    with tarfile.open(path, "r") as tar:
-        for member in tar:
-            if member.name.endswith("." + GT):
-                gt = st_load_np(tar.extractfile(member).read())
-                yield instance_class_counts(gt["inst_map"], gt["type_map"], k)
+    raw = cache.open_shard(path)
+    try:
+        with tarfile.open(fileobj=raw, mode="r|") as tar:
+            for member in tar:
+                if member.name.endswith("." + GT):
+                    gt = st_load_np(tar.extractfile(member).read())
+                    yield instance_class_counts(gt["inst_map"], gt["type_map"], k)
+    finally:
+        close_stream(raw, str(path))
 
 
 def tile_class_counts(cache) -> np.ndarray:

@@ -43,10 +43,14 @@ def verify_cache(cache_dir: str | Path, progress: Callable[[int, int], None] | N
     """Check that every shard in the manifest exists with its recorded size and sha256.
 
     Args:
-        cache_dir: the cache directory.
+        cache_dir: the cache directory, or a remote location (each shard is then streamed and hashed).
         progress: optional callback ``(bytes checked, bytes total)``.
     """
-    cache_dir = Path(cache_dir)
+    from cellembed.cache._location import is_remote, local_path
+
+    if is_remote(cache_dir):
+        return _verify_remote(str(cache_dir), progress)
+    cache_dir = local_path(cache_dir)
     manifest = read_manifest(cache_dir)
     problems, done, total = [], 0, manifest["n_bytes"]
     for shard in manifest["shards"]:
@@ -62,6 +66,37 @@ def verify_cache(cache_dir: str | Path, progress: Callable[[int, int], None] | N
         if SHARD_RE.match(path.name) and path.name not in listed:
             problems.append(ShardProblem(path.name, "unlisted", "not in manifest.json (left over; safe to delete)"))
     return VerifyReport(cache_dir, len(manifest["shards"]), manifest["n_samples"], manifest["n_bytes"], problems)
+
+
+def _verify_remote(location: str, progress) -> VerifyReport:
+    """``verify_cache`` of a remote cache: every listed shard streamed once, its bytes counted and hashed."""
+    import hashlib
+
+    from cellembed.cache._location import close_stream, member_url, open_url
+
+    manifest = read_manifest(location)
+    problems, done, total = [], 0, manifest["n_bytes"]
+    for shard in manifest["shards"]:
+        url, sha, size = member_url(location, shard["name"]), hashlib.sha256(), 0
+        try:
+            stream = open_url(url)
+            try:
+                while chunk := stream.read(1 << 20):
+                    sha.update(chunk)
+                    size += len(chunk)
+            finally:
+                close_stream(stream, url)
+        except OSError as err:
+            problems.append(ShardProblem(shard["name"], "missing", f"cannot read it ({err})"))
+        else:
+            if size < shard["bytes"]:
+                problems.append(ShardProblem(shard["name"], "truncated", f"{size} of {shard['bytes']} bytes"))
+            elif size != shard["bytes"] or sha.hexdigest() != shard["sha256"]:
+                problems.append(ShardProblem(shard["name"], "corrupt", "sha256 differs from the manifest"))
+        done += shard["bytes"]
+        if progress:
+            progress(done, total)
+    return VerifyReport(location, len(manifest["shards"]), manifest["n_samples"], manifest["n_bytes"], problems)
 
 
 def check_shard(path: Path, shard: dict) -> ShardProblem | None:

@@ -103,12 +103,18 @@ def _loader(run: Run, cache, device, batch_size: int, num_workers: int, role: st
 def tile_metas(cache) -> dict[str, dict]:
     """Every tile's meta JSON (tissue, group, ...) by key, read without decoding features."""
     metas = {}
+    from cellembed.cache._location import close_stream
+
     for path in cache.shard_paths:
         try:
-            with tarfile.open(path, "r") as tar:
-                for member in tar:
-                    if member.name.endswith(".meta.json"):
-                        metas[member.name[: -len(".meta.json")]] = json.loads(tar.extractfile(member).read())
+            raw = cache.open_shard(path)
+            try:
+                with tarfile.open(fileobj=raw, mode="r|") as tar:
+                    for member in tar:
+                        if member.name.endswith(".meta.json"):
+                            metas[member.name[: -len(".meta.json")]] = json.loads(tar.extractfile(member).read())
+            finally:
+                close_stream(raw, str(path))
         except (tarfile.TarError, OSError, ValueError) as err:
             raise CacheError(f"{path}: unreadable shard ({err}); run `cellembed verify {cache.path}`, then "
                              "`cellembed extract ... --repair`") from None
@@ -144,6 +150,7 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
         tta: average the maps over the dihedral group (``decoder_maps``); recorded in the protocol.
     """
     from cellembed.cache import open_cache
+    from cellembed.cache._location import location_name
     from cellembed.metrics import image_counts, score_counts
 
     t0 = time.perf_counter()
@@ -154,7 +161,7 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
                          f"the {run.post.head} head")
     cache = open_cache(cache_path)
     loader = _loader(run, cache, dev, batch_size, num_workers, "test cache")
-    out = Path(out) if out else run.path / f"score-{Path(cache_path).resolve().name}"
+    out = Path(out) if out else run.path / f"score-{location_name(cache_path)}"
     if (out / "metrics.json").exists() and not overwrite:
         raise ValueError(f"{out} already holds scores; pass --overwrite to replace them, or --out another folder")
     if out.is_file():
