@@ -173,8 +173,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 def md(rows: list[dict]) -> str:
     cols = list(rows[0])
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
+    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
 def main() -> None:
