@@ -8,14 +8,15 @@ read and decode every sample (``Cache`` iteration, best of 3). Then an fp16 cach
 (blocks 0,2,4,7,10,14,15) is read serving 1, 2, 4 and 7 of its levels: only the served levels are decoded
 (``load_tensors``), so the read cost follows what a run asks for, not what the cache holds.
 
-Part 2, PQ (real data only, ``--seeds``): ``fit-decoder`` trains on the fp16 and the int8 caches of CoNSeP's train
-images (split by source image as in ``quality_consep.py``: 288 / 48 / 96 tiles), ``--epochs`` epochs, its other
-options at their defaults, and each run is scored on the test split; mean ± sd over seeds and the paired
-difference int8 − fp16.
+Part 2, PQ (real data only, ``--seeds``): ``fit-decoder`` trains on the fp16 and the int8 caches (``--fit-codecs``)
+of CoNSeP's train images (split by source image as in ``quality_consep.py``: 288 / 48 / 96 tiles), ``--epochs``
+epochs, its other options at their defaults, and each run is scored on the test split; mean ± sd over seeds and
+the paired difference to fp16.
 
-``--no-fit`` measures part 1 only and keeps the PQ rows of the previous results file (``results/codec_cpu.json``).
+``--no-fit`` measures part 1 only and keeps the PQ rows of the previous results file (``results/codec_cpu.json``);
+``--fit-codecs int4`` trains on int4 caches only, keeping the previous runs of the other codecs (same epochs).
 
-    python benchmarks/codec.py [--seeds 0 1 2] [--epochs 10] [--no-fit]
+    python benchmarks/codec.py [--seeds 0 1 2] [--epochs 10] [--no-fit] [--fit-codecs fp16 int8 int4]
 """
 
 from __future__ import annotations
@@ -128,12 +129,13 @@ def size_rows(tmp: Path, workers: int) -> tuple[list[dict], list[dict], dict]:
     return rows, level_rows, {k: str(v) for k, v in paths.items()}
 
 
-def fit_rows(tmp: Path, seeds: list[int], epochs: int, workers: int) -> list[dict]:
+def fit_rows(tmp: Path, seeds: list[int], epochs: int, workers: int, codecs: list[str]) -> list[dict]:
     from cellembed.evaluate import score_run
     from cellembed.train import FitConfig, fit_decoder
 
     rows = []
-    for label, codec in (("fp16", "none"), ("int8", "int8")):
+    for label in codecs:
+        codec = "none" if label == "fp16" else label
         caches = {split: tmp / f"{label}-{split}" for split in ("train", "val", "test")}
         for split, out in caches.items():
             extract_cache(out, codec, split=split, workers=workers)
@@ -155,16 +157,18 @@ def fit_rows(tmp: Path, seeds: list[int], epochs: int, workers: int) -> list[dic
 
 def summary_rows(rows: list[dict]) -> list[dict]:
     out = []
-    by = {c: [r for r in rows if r["codec"] == c] for c in ("fp16", "int8")}
+    by = {c: [r for r in rows if r["codec"] == c] for c in dict.fromkeys(r["codec"] for r in rows)}
     for codec, rs in by.items():
         cell = lambda k: (f"{statistics.mean(r[k] for r in rs):.3f} ± "
                           f"{statistics.stdev(r[k] for r in rs) if len(rs) > 1 else 0:.3f}")
         out.append({"codec": codec, "seeds": len(rs), "test PQ": cell("pq"), "test mPQ+": cell("mpq_plus"),
                     "test AJI": cell("aji")})
-    pairs = [(a, b) for a in by["int8"] for b in by["fp16"] if a["seed"] == b["seed"]]
-    if pairs:
+    for codec in by:
+        pairs = [(a, b) for a in by[codec] for b in by.get("fp16", []) if a["seed"] == b["seed"]]
+        if codec == "fp16" or not pairs:
+            continue
         d = [a["pq"] - b["pq"] for a, b in pairs]
-        out.append({"codec": "int8 − fp16 (paired by seed)", "seeds": len(d),
+        out.append({"codec": f"{codec} − fp16 (paired by seed)", "seeds": len(d),
                     "test PQ": f"{statistics.mean(d):+.3f} ± {statistics.stdev(d) if len(d) > 1 else 0:.3f}",
                     "test mPQ+": f"{statistics.mean(a['mpq_plus'] - b['mpq_plus'] for a, b in pairs):+.3f}",
                     "test AJI": f"{statistics.mean(a['aji'] - b['aji'] for a, b in pairs):+.3f}"})
@@ -184,19 +188,22 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-fit", action="store_true", help="bytes and reading only (no training)")
+    parser.add_argument("--fit-codecs", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8", "int4"],
+                        help="codecs trained on; the previous results' runs of other codecs are kept")
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp(prefix="cellembed-codec-"))
     t0 = time.perf_counter()
     try:
         sizes, levels, _ = size_rows(tmp, args.workers)
+        old = RESULTS / "codec_cpu.json"
+        previous = json.loads(old.read_text()) if old.is_file() else {}
+        kept = previous.get("fits", []) if previous.get("args", {}).get("epochs", args.epochs) == args.epochs else []
         if args.no_fit:
-            old = RESULTS / "codec_cpu.json"
-            previous = json.loads(old.read_text()) if old.is_file() else {}
-            fits = previous.get("fits", [])
-            args.epochs = previous.get("args", {}).get("epochs", args.epochs)
+            fits = kept
         else:
-            fits = [] if consep() is None else fit_rows(tmp, args.seeds, args.epochs, args.workers)
+            new = [] if consep() is None else fit_rows(tmp, args.seeds, args.epochs, args.workers, args.fit_codecs)
+            fits = [r for r in kept if r["codec"] not in args.fit_codecs] + new
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     data = "CoNSeP train split (288 tiles of 256²)" if consep() else "64 synthetic 256² tiles (no ../shared here)"

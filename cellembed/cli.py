@@ -384,6 +384,7 @@ def score(
 ):
     """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI."""
     from cellembed.cache import CacheError
+    from cellembed.cache._location import location_name
 
     if run is not None:
         if cache is None or pred is not None or true is not None:
@@ -404,7 +405,8 @@ def score(
                                    on_progress=progress, overwrite=overwrite, tta=tta)
         except (CacheError, *USER_ERRORS) as err:
             _fail(err)
-        _print_scores(result.metrics, f"{run.name} on {cache.name} ({result.metrics['protocol']['n_images']} images)")
+        _print_scores(result.metrics, f"{run.name} on {location_name(cache)} "
+                                      f"({result.metrics['protocol']['n_images']} images)")
         console.print(f"[green]wrote[/] {result.out}: predictions.npy, keys.txt, metrics.json, table.md, overlays "
                       f"({result.seconds:.1f} s)")
         return
@@ -503,6 +505,7 @@ def tune(
 ):
     """Pick the run's minimum instance area on a validation cache (saved with the run, used by `score`)."""
     from cellembed.cache import CacheError
+    from cellembed.cache._location import location_name
     from cellembed.evaluate import tune_run
 
     try:
@@ -513,7 +516,7 @@ def tune(
                               num_workers=workers, on_progress=lambda n: bar.update(task, advance=n))
     except (CacheError, *USER_ERRORS) as err:
         _fail(err)
-    table = Table(title=f"minimum area on {cache.name} (by {metric})")
+    table = Table(title=f"minimum area on {location_name(cache)} (by {metric})")
     for col in ("min_area", "pq", "mpq_plus", "aji"):
         table.add_column(col, justify="right")
     for row in result["table"]:
