@@ -1,7 +1,8 @@
 """Implementations replaced by later work, kept only to be timed side by side with their successors.
 
-``tables_before``: ``cellembed.metrics._fused._tables`` before issue 15 (pixels read as (P, 1 or 2) rows, a
-(P, 5) run buffer allocated per image). ``fused_counts_before`` feeds it to the same statistics.
+``tables_before``: the pixel pass of ``cellembed.metrics._fused._tables`` before issue 15 (pixels read as (P, 1 or 2)
+rows, a (P, 5) run buffer allocated per image); the tables are then filled by the same ``tables_from_runs``.
+``fused_counts_before`` feeds it to the same statistics.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from cellembed.metrics._fused import _DENSE_LIMIT, _number, counts_from_tables
+from cellembed.metrics._fused import counts_from_tables, tables_from_runs
 
 
 @numba.njit(cache=True, nogil=True)
@@ -53,34 +54,7 @@ def tables_before(tr, pr, k1, bound):
     runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4] = x0, tx0, y0, ty0, count
     lut_t[x0], lut_p[y0] = 1, 1
     r += 1
-    ids_t, ids_p = _number(lut_t), _number(lut_p)
-    nt, np_ = ids_t.size - 1, ids_p.size - 1
-    if (nt + 1) * (np_ + 1) > _DENSE_LIMIT:
-        return empty, empty, none, none
-    table = np.zeros((nt + 1, np_ + 1), np.int64)
-    for j in range(r):
-        table[lut_t[runs[j, 0]], lut_p[runs[j, 2]]] += runs[j, 4]
-    if not typed:
-        return table, empty, none, none
-    key_t = np.zeros((nt + 1) * k1, np.int64)
-    key_p = np.zeros((np_ + 1) * k1, np.int64)
-    for j in range(r):
-        t, p = lut_t[runs[j, 0]], lut_p[runs[j, 2]]
-        if t > 0 and runs[j, 1] > 0:
-            key_t[t * k1 + runs[j, 1]] = 1
-        if p > 0 and runs[j, 3] > 0:
-            key_p[p * k1 + runs[j, 3]] = 1
-    parts_t, parts_p = _number(key_t), _number(key_p)
-    if parts_t.size * parts_p.size > _DENSE_LIMIT:
-        return empty, empty, none, none
-    part = np.zeros((parts_t.size, parts_p.size), np.int64)
-    for j in range(r):
-        t, p = lut_t[runs[j, 0]], lut_p[runs[j, 2]]
-        a = key_t[t * k1 + runs[j, 1]] if t > 0 and runs[j, 1] > 0 else 0
-        b = key_p[p * k1 + runs[j, 3]] if p > 0 and runs[j, 3] > 0 else 0
-        if a > 0 or b > 0:
-            part[a, b] += runs[j, 4]
-    return table, part, parts_t, parts_p
+    return tables_from_runs(runs, r, lut_t, lut_p, typed, k1)
 
 
 def fused_counts_before(pred: np.ndarray, true: np.ndarray, n_classes: int | None):

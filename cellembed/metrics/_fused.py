@@ -104,6 +104,16 @@ def _tables(tk, pk, typed, k1, bound):
     runs[r, 0], runs[r, 1], runs[r, 2], runs[r, 3], runs[r, 4] = x0, tx0, y0, ty0, count
     lut_t[x0], lut_p[y0] = 1, 1
     r += 1
+    return tables_from_runs(runs, r, lut_t, lut_p, typed, k1)
+
+
+@numba.njit(cache=True, nogil=True)
+def tables_from_runs(runs, r, lut_t, lut_p, typed, k1):
+    """``_tables``' output from its first ``r`` runs (rows x, type of x, y, type of y, pixels) and the presence
+    lookup tables ``lut_t`` / ``lut_p`` (1 where an id occurs): ids numbered in sorted order, then the dense
+    instance table and, for typed maps, the part table filled from the runs."""
+    empty = np.zeros((0, 0), np.int64)
+    none = np.zeros(0, np.int64)
     ids_t, ids_p = _number(lut_t), _number(lut_p)
     nt, np_ = ids_t.size - 1, ids_p.size - 1
     if (nt + 1) * (np_ + 1) > _DENSE_LIMIT:
