@@ -194,20 +194,9 @@ def _types_kernel(inst, n, types_prob):
 def _finish_kernel(classes, fg, cth, markers, a, b, fp, offsets, min_area, types_prob, typed):
     """Steps 3, 5-8 in one compiled call: landscape, watershed mask, flooding, area filter, type vote."""
     land = _fk.cisca_landscape(classes[1], fg & ~cth, a, b)
-    h, w = markers.shape
-    out, padded_mask = _kernels.pad_markers(markers, _mask_kernel(classes, fp))
-    _kernels.watershed(land.ravel(), out, padded_mask, offsets)
-    flooded = out.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
-    n_markers = 0
-    for v in markers.ravel():
-        n_markers = max(n_markers, v)
-    inst, n = _kernels.union_filter(flooded, n_markers, min_area)
-    if typed:
-        return inst, _types_kernel(inst, n, types_prob)
-    types = np.empty(inst.shape, np.uint8)
-    for i in range(inst.size):
-        types.ravel()[i] = inst.ravel()[i] > 0
-    return inst, types
+    flooded = _kernels.flood(land, markers, _mask_kernel(classes, fp), offsets)
+    inst, n = _kernels.union_filter(flooded, markers.max() if markers.size else 0, min_area)
+    return inst, (_types_kernel(inst, n, types_prob) if typed else (inst > 0).astype(np.uint8))
 
 
 def cisca_instances(classes_prob: np.ndarray, directions: np.ndarray, types_prob: np.ndarray | None = None,

@@ -256,6 +256,16 @@ def pad_markers(markers, mask):
 
 
 @njit(cache=True, nogil=True)
+def flood(padded_image, markers, mask, offsets):
+    """``watershed`` on a landscape already zero-padded by 1 px: (H, W) int32 labels from (H, W) int32 markers
+    and an (H, W) bool mask; ``offsets`` for the padded width (``_ops.neighbour_offsets``)."""
+    h, w = markers.shape
+    out, padded_mask = pad_markers(markers, mask)
+    watershed(padded_image.ravel(), out, padded_mask, offsets)
+    return out.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
+
+
+@njit(cache=True, nogil=True)
 def watershed(image, output, mask, offsets):
     """Marker flooding on raveled, zero-padded arrays in scikit-image's exact order (value, then age;
     markers in raster order with age 0); a pushed pixel costs at least its parent's cost. ``output``

@@ -96,9 +96,7 @@ def flood(padded_image: np.ndarray, markers: np.ndarray, mask: np.ndarray, conne
     """
     h, w = markers.shape
     check_flood_size(h, w)
-    out, padded_mask = _kernels.pad_markers(markers, mask)
-    _kernels.watershed(padded_image.ravel(), out, padded_mask, neighbour_offsets(w + 2, connectivity))
-    return out.reshape(h + 2, w + 2)[1:-1, 1:-1].copy()
+    return _kernels.flood(padded_image, markers, mask, neighbour_offsets(w + 2, connectivity))
 
 
 def watershed(image: np.ndarray, markers: np.ndarray, mask: np.ndarray, connectivity: int) -> np.ndarray:
