@@ -37,7 +37,7 @@ from cellembed.postprocess import (
     hover_instances,
     map_tiles,
 )
-from cellembed.postprocess._batch import default_workers
+from cellembed._parallel import default_workers
 from cellembed.postprocess import _filter_kernels as _fk
 from cellembed.targets import cisca_targets, hover_targets
 

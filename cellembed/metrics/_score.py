@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from cellembed._parallel import map_threads
 from cellembed.metrics._aggregate import class_table, image_values, pannuke, summary
 from cellembed.metrics._image import ImageCounts, image_counts_unchecked
 from cellembed.metrics._table import check_labels
@@ -105,23 +105,11 @@ def score_arrays(pred: np.ndarray, true: np.ndarray, num_classes: int | None = N
 
 
 def counts_many(pred: np.ndarray, true: np.ndarray, k: int | None, workers: int | None = None) -> list[ImageCounts]:
-    """``image_counts_unchecked`` of every image of checked (N, H, W[, 2]) arrays, in order.
-
-    The compiled kernels release the GIL, so ``workers`` threads (default: one per core, at most one per 8
-    images) each take every ``workers``-th image; one thread below 16 images."""
+    """``image_counts_unchecked`` of every image of checked (N, H, W[, 2]) arrays, in order, on ``workers``
+    threads (``map_threads``; default one per core, at most one per 8 images, so one thread below 16 images)."""
     n = pred.shape[0]
-    workers = workers or min(os.cpu_count() or 1, n // 8)
-    if workers < 2:
-        return [image_counts_unchecked(pred[i], true[i], k) for i in range(n)]
-
-    def part(start: int) -> list[ImageCounts]:
-        return [image_counts_unchecked(pred[i], true[i], k) for i in range(start, n, workers)]
-
-    out: list = [None] * n
-    with ThreadPoolExecutor(workers, thread_name_prefix="cellembed-score") as pool:
-        for start, counts in enumerate(pool.map(part, range(workers))):
-            out[start::workers] = counts
-    return out
+    workers = workers or max(1, min(os.cpu_count() or 1, n // 8))
+    return map_threads(lambda i: image_counts_unchecked(pred[i], true[i], k), range(n), workers)
 
 
 def score_counts(counts: Sequence[ImageCounts], num_classes: int | None = None,

@@ -18,7 +18,8 @@ stage by stage; both paths return identical arrays (float stages bit for bit). O
 batch of tiles on one thread per core.
 """
 
-from ._batch import map_tiles
+from cellembed._parallel import map_threads as map_tiles
+
 from ._cisca import cisca_instances
 from ._hover import hover_instances
 from ._params import CISCA_PRESETS, HOVER_PRESETS, CiscaParams, HoverParams
