@@ -70,8 +70,6 @@ def verify_cache(cache_dir: str | Path, progress: Callable[[int, int], None] | N
 
 def _verify_remote(location: str, progress) -> VerifyReport:
     """``verify_cache`` of a remote cache: every listed shard streamed once, its bytes counted and hashed."""
-    import hashlib
-
     from cellembed.cache._location import close_stream, member_url, open_url
 
     manifest = read_manifest(location)
@@ -89,10 +87,9 @@ def _verify_remote(location: str, progress) -> VerifyReport:
         except OSError as err:
             problems.append(ShardProblem(shard["name"], "missing", f"cannot read it ({err})"))
         else:
-            if size < shard["bytes"]:
-                problems.append(ShardProblem(shard["name"], "truncated", f"{size} of {shard['bytes']} bytes"))
-            elif size != shard["bytes"] or sha.hexdigest() != shard["sha256"]:
-                problems.append(ShardProblem(shard["name"], "corrupt", "sha256 differs from the manifest"))
+            problem = _judge(shard, size, sha.hexdigest)
+            if problem is not None:
+                problems.append(problem)
         done += shard["bytes"]
         if progress:
             progress(done, total)
@@ -103,9 +100,13 @@ def check_shard(path: Path, shard: dict) -> ShardProblem | None:
     """Compare one shard file with its manifest entry (``name``, ``bytes``, ``sha256``); None when it matches."""
     if not path.is_file():
         return ShardProblem(shard["name"], "missing", "file not found")
-    size = path.stat().st_size
+    return _judge(shard, path.stat().st_size, lambda: file_sha256(path))
+
+
+def _judge(shard: dict, size: int, digest: Callable[[], str]) -> ShardProblem | None:
+    """A shard of ``size`` bytes against its manifest entry; ``digest()`` (its sha256) only when the size matches."""
     if size < shard["bytes"]:
         return ShardProblem(shard["name"], "truncated", f"{size} of {shard['bytes']} bytes")
-    if size != shard["bytes"] or file_sha256(path) != shard["sha256"]:
+    if size != shard["bytes"] or digest() != shard["sha256"]:
         return ShardProblem(shard["name"], "corrupt", "sha256 differs from the manifest")
     return None
