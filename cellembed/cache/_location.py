@@ -50,11 +50,6 @@ def location_name(location: str | Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "_", parts[-1]) if parts else "remote"
 
 
-def open_member(location: str, name: str) -> IO[bytes]:
-    """Open a remote cache's member for reading (see ``open_url``)."""
-    return open_url(member_url(location, name))
-
-
 def open_url(url: str) -> IO[bytes]:
     """Open a URL for reading: WebDataset's ``gopen`` for its schemes (``pipe:`` runs the command and reads its
     stdout; closing the stream fails when the command exited non-zero), fsspec for the others.

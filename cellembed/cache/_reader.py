@@ -42,6 +42,18 @@ class Cache:
             return [member_url(self.path, s["name"]) for s in self.manifest["shards"]]
         return [self.path / s["name"] for s in self.manifest["shards"]]
 
+    def shard_members(self, path, suffix: str) -> Iterator[tuple[str, bytes]]:
+        """(member name, bytes) of one shard's members whose names end with ``suffix``, streamed in order (the
+        others are skipped unread). Errors propagate (tarfile / OS errors) for the caller to name."""
+        raw = self.open_shard(path)
+        try:
+            with tarfile.open(fileobj=raw, mode="r|") as tar:
+                for member in tar:
+                    if member.name.endswith(suffix):
+                        yield member.name, tar.extractfile(member).read()
+        finally:
+            close_stream(raw, str(path))
+
     def open_shard(self, path) -> IO[bytes]:
         """A binary stream of one of ``shard_paths`` (close it with ``close_stream`` for remote caches)."""
         if self.remote:

@@ -12,7 +12,6 @@ variants are drawn per occurrence. Without oversampling occurrence ids are cache
 
 from __future__ import annotations
 
-import tarfile
 
 import numpy as np
 import torch
@@ -195,18 +194,10 @@ def read_shard(cache, s: int, offset: int, count: int, read=None):
 
 def read_class_counts(cache, path):
     """Iterate the (K + 1,) instance class counts of a shard's samples, decoding only their ``gt.safetensors``."""
-    from cellembed.cache._location import close_stream
-
     k = len(cache.manifest["class_names"]) - 1
-    raw = cache.open_shard(path)
-    try:
-        with tarfile.open(fileobj=raw, mode="r|") as tar:
-            for member in tar:
-                if member.name.endswith("." + GT):
-                    gt = st_load_np(tar.extractfile(member).read())
-                    yield instance_class_counts(gt["inst_map"], gt["type_map"], k)
-    finally:
-        close_stream(raw, str(path))
+    for _, data in cache.shard_members(path, "." + GT):
+        gt = st_load_np(data)
+        yield instance_class_counts(gt["inst_map"], gt["type_map"], k)
 
 
 def tile_class_counts(cache) -> np.ndarray:

@@ -103,18 +103,10 @@ def _loader(run: Run, cache, device, batch_size: int, num_workers: int, role: st
 def tile_metas(cache) -> dict[str, dict]:
     """Every tile's meta JSON (tissue, group, ...) by key, read without decoding features."""
     metas = {}
-    from cellembed.cache._location import close_stream
-
     for path in cache.shard_paths:
         try:
-            raw = cache.open_shard(path)
-            try:
-                with tarfile.open(fileobj=raw, mode="r|") as tar:
-                    for member in tar:
-                        if member.name.endswith(".meta.json"):
-                            metas[member.name[: -len(".meta.json")]] = json.loads(tar.extractfile(member).read())
-            finally:
-                close_stream(raw, str(path))
+            for name, data in cache.shard_members(path, ".meta.json"):
+                metas[name[: -len(".meta.json")]] = json.loads(data)
         except (tarfile.TarError, OSError, ValueError) as err:
             raise CacheError(f"{path}: unreadable shard ({err}); run `cellembed verify {cache.path}`, then "
                              "`cellembed extract ... --repair`") from None
