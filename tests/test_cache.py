@@ -421,7 +421,7 @@ def test_quantized_codecs_round_trip_within_half_a_step_and_shrink_the_features(
     assert verify_cache(out).ok
 
 
-def test_codec_per_level_and_bad_specs(tmp_path):
+def test_codec_per_level_and_bad_specs(reference, tmp_path):
     from cellembed.cache._codec import parse_codecs
 
     names = ["block_1", "block_2"]
@@ -433,15 +433,9 @@ def test_codec_per_level_and_bad_specs(tmp_path):
     with pytest.raises(ValueError, match="unknown codec 'int2'"):
         parse_codecs("int2", names, "fp16")
     out = tmp_path / "mixed"
-    levels = [lv["name"] for lv in open_dataset_levels()]
+    levels = open_cache(reference[0]).level_names  # the same encoder and blocks as the reference cache
     extract(config(out, codec=f"{levels[0]}=int8,{levels[-1]}=fp32"))
     cache = open_cache(out)
     sample = next(iter(cache))
     assert sample.feats[0].dtype == torch.float16 and sample.feats[-1].dtype == torch.float32
     assert cache.manifest["identity"]["codec"][levels[0]] == "int8"
-
-
-def open_dataset_levels():
-    from cellembed.encoders import build_encoder
-
-    return [{"name": lv.name} for lv in build_encoder("test_vit", weights="random", tile_size=64).levels]
