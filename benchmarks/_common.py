@@ -36,14 +36,18 @@ def write_results(name: str, payload: dict, table: list[dict], plot) -> Path:
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
-    cols = list(table[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(str(row[c]) for c in cols) + " |" for row in table]
     m = payload["machine"]
     head = f"# {name}\n\nMachine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, GPU: {m['gpu'] or 'none'}.\n\n"
-    (RESULTS / f"{name}.md").write_text(head + payload.get("description", "") + "\n\n" + "\n".join(lines) + "\n")
+    (RESULTS / f"{name}.md").write_text(head + payload.get("description", "") + "\n\n" + md_table(table) + "\n")
     fig, ax = plt.subplots(figsize=(7, 4))
     plot(ax)
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=120)
     return RESULTS / f"{name}.md"
+
+
+def md_table(rows: list[dict]) -> str:
+    """A markdown table of ``rows`` (columns from the first row; a key missing from a row is an empty cell)."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])

@@ -52,9 +52,9 @@ from cellembed.train._fit import _step, _train_epoch
 from cellembed.train.losses import cisca_loss
 
 try:
-    from benchmarks._common import machine, write_results
+    from benchmarks._common import machine, md_table, write_results
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import machine, write_results
+    from _common import machine, md_table, write_results
 
 # (label, preset, weights, blocks)
 ENCODERS = {
@@ -407,12 +407,6 @@ def table_rows(rows: list[dict]) -> list[dict]:
         row["crossover epoch"] = r["crossover_epoch"] if r["crossover_epoch"] is not None else "never"
         out.append(row)
     return out
-
-
-def md_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows])
 
 
 def targets_text(rows: list[dict]) -> list[str]:

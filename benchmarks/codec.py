@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 try:
-    from benchmarks._common import REALDATA, RESULTS, machine, write_results
+    from benchmarks._common import REALDATA, RESULTS, machine, md_table, write_results
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import REALDATA, RESULTS, machine, write_results
+    from _common import REALDATA, RESULTS, machine, md_table, write_results
 
 ENCODER = "efficientnet_lite0_in1k"
 GROUPS = r"(.+)_\d+$"
@@ -175,13 +175,6 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def md(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(cell(r.get(c, "")) for c in cols) + " |" for r in rows])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -229,12 +222,14 @@ def main() -> None:
         ax.set_title("cache codecs: bytes (bars) and read time (line)")
 
     path = write_results("codec_cpu", payload, sizes, plot)
-    extra = ("\n## Reading a cache of all seven stage ends, serving some of its levels\n\n" + md(levels)
+    extra = ("\n## Reading a cache of all seven stage ends, serving some of its levels\n\n" + md_table(levels)
              + "\n\nOnly the served levels' tensors are copied out of each sample's safetensors member "
              "(`cellembed.cache._codec.load_tensors`); the tar member itself is read whole.\n")
     if summary:
         extra += (f"\n## PQ cost on CoNSeP (test split, {args.epochs} epochs, fit-decoder defaults otherwise)\n\n"
-                  + md(summary) + "\n\n" + md(fits) + "\n")
+                  + md_table(summary) + "\n\n"
+                  + md_table([{k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()} for r in fits])
+                  + "\n")
     path.write_text(path.read_text() + extra)
     print(path.read_text())
 

@@ -40,9 +40,9 @@ from cellembed.encoders._build import input_hw_for
 from cellembed.encoders._frozen import make_levels
 
 try:
-    from benchmarks._common import REALDATA, machine, write_results
+    from benchmarks._common import REALDATA, machine, md_table, write_results
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import REALDATA, machine, write_results
+    from _common import REALDATA, machine, md_table, write_results
 
 # a CNN and a ViT-B/16 (weights do not change speed), with their default number of rounds
 ENCODERS = [("efficientnet_lite0_in1k", "packaged", 8), ("phikon", "random", 3)]
@@ -281,12 +281,6 @@ def sample_sizes(source, n: int) -> tuple[float, float]:
     png = statistics.mean(len(encode_image(t.image)) for t in tiles)
     meta = statistics.mean(len(encode_meta(t.key, i, t.meta)) for i, t in enumerate(tiles))
     return png, meta
-
-
-def md_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
 
 
 def main() -> None:

@@ -42,9 +42,9 @@ from cellembed.postprocess import _filter_kernels as _fk
 from cellembed.targets import cisca_targets, hover_targets
 
 try:
-    from benchmarks._common import machine, write_results
+    from benchmarks._common import machine, md_table, write_results
 except ImportError:  # run as a script from the benchmarks folder
-    from _common import machine, write_results
+    from _common import machine, md_table, write_results
 
 
 def onehot(x, k):
@@ -225,12 +225,6 @@ def profile(method: str, mag: str, n: int, repeats: int) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    return "\n".join(lines + ["| " + " | ".join(str(r[c]) for c in cols) + " |" for r in rows])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=30, help="256² tiles per case")
@@ -266,7 +260,7 @@ def main() -> None:
         ax.set_title("post-processing, numba path (outputs identical to the scikit-image twin)")
 
     path = write_results("postprocess_cpu", payload, rows, plot)
-    steps_md = "\n## Where the time goes (256² noisy tiles, per stage)\n\n" + markdown(steps) + "\n"
+    steps_md = "\n## Where the time goes (256² noisy tiles, per stage)\n\n" + md_table(steps) + "\n"
     path.write_text(path.read_text() + steps_md)
     print(path.read_text())
 
