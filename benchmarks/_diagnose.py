@@ -349,10 +349,97 @@ def swaps_report(args) -> None:
     foreground_errors(args.run, args.test_cache, RESULTS / f"{name}_foreground.png")
 
 
+DYE_MAX_RGB = 90
+"""A pixel whose brightest RGB channel is below this is near-black (tissue-marking dye in CoNSeP's train_2 and
+train_4; no nucleus pixel of the 27 training images is that dark)."""
+
+
+def _tile_images(keys: list[str], root: Path) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(root / "images" / f"{k}.jpg").convert("RGB")) for k in keys])
+
+
+def without_dye(pred: np.ndarray, images: np.ndarray, frac: float = 0.5) -> np.ndarray:
+    """``pred`` ((N, T, T, 2) instance, type) without the instances that lie mostly (> ``frac``) on near-black
+    pixels (``DYE_MAX_RGB``): what the split would score if the decoder never took dye for nuclei."""
+    out = pred.copy()
+    dark = images.max(-1) < DYE_MAX_RGB
+    for i in range(len(out)):
+        inst = out[i, ..., 0]
+        ids, on_dark = np.unique(inst[dark[i]], return_counts=True)
+        areas = np.bincount(inst.ravel(), minlength=int(inst.max()) + 1)
+        for j, n in zip(ids, on_dark):
+            if j and n > frac * areas[j]:
+                out[i][inst == j] = 0
+    return out
+
+
+def tile_report(args) -> None:
+    """``tiles``: a scored run's test PQ tile by tile, grouped by source image (the split's PQ is the mean over
+    tiles with at least one true nucleus, so sparse tiles weigh as much as dense ones), and the split's scores
+    with the predictions on tissue-marking dye removed."""
+    import json
+    import re
+
+    try:
+        from benchmarks._common import REALDATA, machine, write_results
+    except ImportError:
+        from _common import REALDATA, machine, write_results
+    from cellembed.metrics import score_arrays
+
+    score = Path(args.score)
+    root = Path(args.root) if args.root else REALDATA / "consep_tiles256"
+    keys = (score / "keys.txt").read_text().split()
+    per_tile = json.loads((score / "metrics.json").read_text())["per_image"]
+    labels = np.load(root / "labels.npz")
+    index = {str(n): i for i, n in enumerate(labels["names"])}
+    rows_of = [index[k] for k in keys]
+    true = np.stack([labels["inst"][rows_of], labels["cls"][rows_of]], -1).astype(np.int32)
+    pred = np.load(score / "predictions.npy")
+    images = _tile_images(keys, root)
+    groups: dict[str, list] = {}
+    for k, c in zip(keys, per_tile):
+        if c["pq"] is not None and c["tp"] + c["fn"]:
+            groups.setdefault(re.fullmatch(args.group_regex, k).group(1), []).append((c["tp"] + c["fn"], c["pq"]))
+    scored = sum(len(v) for v in groups.values())
+    table = []
+    for g, v in sorted(groups.items(), key=lambda kv: np.mean([p for _, p in kv[1]])):
+        sparse = [p for n, p in v if n < 5]
+        table.append({"source image": g, "tiles scored": len(v), "true nuclei": sum(n for n, _ in v),
+                      "mean tile PQ": f"{np.mean([p for _, p in v]):.3f}",
+                      "tiles < 5 nuclei (mean PQ)": f"{len(sparse)} ({np.mean(sparse):.2f})" if sparse else "0",
+                      "share of the split's PQ": f"{sum(p for _, p in v) / scored:.3f}"})
+    splits = {"as predicted": score_arrays(pred, true, args.num_classes)["summary"],
+              "dye predictions removed": score_arrays(without_dye(pred, images), true, args.num_classes)["summary"]}
+    table += [{"source image": f"split, {name}", "tiles scored": scored, "true nuclei": "",
+               "mean tile PQ": f"{s['pq']:.3f}", "tiles < 5 nuclei (mean PQ)": f"mPQ+ {s['mpq_plus']:.3f}",
+               "share of the split's PQ": f"DQ {s['dq']:.3f}, SQ {s['sq']:.3f}"} for name, s in splits.items()]
+    description = (f"Scores of `{score}` tile by tile. The split's PQ is the mean of the per-tile PQ over the tiles "
+                   "with at least one true nucleus (CISCA / Mind the Gap), so a tile with 2 true nuclei weighs as "
+                   "much as one with 129; 'share of the split's PQ' is each source image's sum of tile PQs over the "
+                   "number of tiles scored (the shares add up to the split's PQ). Last rows: the split scored as "
+                   f"predicted, and with every predicted instance lying mostly on near-black pixels (max RGB < "
+                   f"{DYE_MAX_RGB}: tissue-marking dye, which no training image shows) removed.")
+
+    def plot(ax):
+        for g, v in groups.items():
+            ax.scatter([n for n, _ in v], [p for _, p in v], s=14, label=g)
+        ax.set_xscale("symlog", linthresh=5)
+        ax.set_xlabel("true nuclei in the tile")
+        ax.set_ylabel("tile PQ")
+        ax.legend(fontsize=7)
+        ax.set_title("per-tile PQ by source image")
+
+    write_results(args.name or "tiles_consep_cpu", {"machine": machine(), "score": str(score), "rows": table,
+                                                     "splits": splits, "description": description}, table, plot)
+
+
 def main() -> None:
     """``python benchmarks/_diagnose.py grid RUN VAL_CACHE TEST_CACHE [--name NAME]``: the post-processing grid;
     ``python benchmarks/_diagnose.py swaps RUN TEST_CACHE [--train-cache TRAIN] [--name NAME]``: oracle swaps and
-    pixel Dice. Both write ``results/<NAME>.{json,md,png}``."""
+    pixel Dice; ``python benchmarks/_diagnose.py tiles SCORE_DIR [--name NAME]``: PQ tile by tile. Each writes
+    ``results/<NAME>.{json,md,png}``."""
     import argparse
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
@@ -367,8 +454,14 @@ def main() -> None:
     w.add_argument("test_cache")
     w.add_argument("--train-cache", default=None, help="the run's training cache: pixel Dice on training tiles too")
     w.add_argument("--name", default=None)
+    t = sub.add_parser("tiles", help="a scored run's PQ tile by tile, and without its predictions on dye")
+    t.add_argument("score", help="a `cellembed score` output folder (keys.txt, metrics.json, predictions.npy)")
+    t.add_argument("--root", default=None, help="the CoNSeP tiles folder (default: realdata's consep_tiles256)")
+    t.add_argument("--group-regex", default=r"(.+)_\d+$")
+    t.add_argument("--num-classes", type=int, default=4)
+    t.add_argument("--name", default=None)
     args = parser.parse_args()
-    (grid_report if args.what == "grid" else swaps_report)(args)
+    {"grid": grid_report, "swaps": swaps_report, "tiles": tile_report}[args.what](args)
 
 
 if __name__ == "__main__":
