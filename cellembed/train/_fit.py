@@ -369,10 +369,13 @@ def _same_run(old: dict, new: dict) -> bool:
     from cellembed.evaluate._run import LEGACY_DECODER
 
     legacy = {"config": LEGACY_CONFIG, "decoder": LEGACY_DECODER}
-    old = {**old, **{part: {**legacy[part], **old[part]} for part in legacy if isinstance(old.get(part), dict)}}
+    new = json.loads(json.dumps(new))
+    # an option the new record has and the old one lacks took its legacy value (light runs have no unetr options)
+    old = {**old, **{part: {**{k: v for k, v in legacy[part].items() if k in new.get(part, {})}, **old[part]}
+                     for part in legacy if isinstance(old.get(part), dict)}}
     strip = lambda r: {**r, "config": {k: v for k, v in r["config"].items() if k not in RESUME_FREE},
                        "postprocess": None}
-    return strip(old) == strip(json.loads(json.dumps(new)))
+    return strip(old) == strip(new)
 
 
 def _prepare_run(config: FitConfig, source: dict, model, n_params: int, post: Postprocess) -> Path:
