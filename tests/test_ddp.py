@@ -186,6 +186,31 @@ def test_validation_reduction_sums_losses_and_semantic_counts():
     assert out == {**reduce_validation([(9.0, 3, {"ce": 6.0}, [], a[4] + b[4])], "semantic", 2)}
 
 
+def _lose_a_peer(rank: int, port: int, out: str) -> None:
+    from cellembed.train import _ddp as ddp
+
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 4))
+    model(torch.zeros(2, 4)).sum().backward()
+    if rank == 1:
+        os._exit(0)  # dies without leaving the group
+    time.sleep(1)
+    try:
+        with ddp.peers_alive():
+            model(torch.zeros(2, 4)).sum().backward()
+    except RuntimeError as err:
+        with open(out, "w") as f:
+            f.write(str(err))
+
+
+@needs_torchrun
+def test_a_dead_peer_is_one_clear_line(tmp_path):
+    torch.multiprocessing.spawn(_lose_a_peer, args=(_free_port(), str(tmp_path / "err")), nprocs=2)
+    message = (tmp_path / "err").read_text()
+    assert "\n" not in message and message.startswith("rank 0: another rank stopped or did not answer within")
+    assert message.endswith("rerun the same torchrun command to resume from the last finished epoch")
+
+
 # ---- the run: rank 0 writes, a killed group resumes, bad input is one line --------------------------------------
 
 

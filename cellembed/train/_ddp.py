@@ -154,13 +154,35 @@ def barrier() -> None:
 
 
 def collective(fn: Callable, *args, **kwargs):
-    """Run a collective; a rank that died or timed out becomes one clear RuntimeError naming this rank."""
+    """Run a collective; any failure (a rank died, a timeout) becomes :func:`peer_error`."""
     try:
         return fn(*args, **kwargs)
-    except (RuntimeError, dist.DistError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RuntimeError(f"rank {dist.get_rank()}: another rank stopped or did not answer within "
-                           f"{TIMEOUT_S:.0f} s ({first}); {RESUME_HINT}") from err
+    except RuntimeError as err:
+        raise peer_error(err) from err
+
+
+@contextmanager
+def peers_alive() -> Iterator[None]:
+    """Around training steps: a failure of the group seen inside (DDP's gradient all-reduce found a peer gone or
+    timed out) becomes :func:`peer_error`; other errors pass unchanged."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not active() or not (isinstance(err, dist.DistError) or any(s in str(err) for s in COMM_SIGNS)):
+            raise
+        raise peer_error(err) from err
+
+
+COMM_SIGNS = ("gloo", "NCCL", "Connection closed", "Connection reset", "Timed out", "timed out")
+"""Words of the errors that the gloo and nccl backends raise as plain RuntimeErrors when a peer fails."""
+
+
+def peer_error(err: BaseException) -> RuntimeError:
+    """One line: this rank, that another stopped or timed out (the backend's first line), and the fix."""
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    return RuntimeError(f"rank {dist.get_rank()}: another rank stopped or did not answer within {TIMEOUT_S:.0f} s "
+                        f"({first}); {RESUME_HINT}")
 
 
 def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -171,8 +171,9 @@ def _fit(config: FitConfig, ranks: ddp.Ranks, device: torch.device, on_epoch, on
             break
         train.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        metrics = {"epoch": epoch + 1, **_train_epoch(net, train, optimizer, scheduler, loss_fn, device, on_step,
-                                                      model.image_skip)}
+        with ddp.peers_alive():
+            metrics = {"epoch": epoch + 1, **_train_epoch(net, train, optimizer, scheduler, loss_fn, device,
+                                                          on_step, model.image_skip)}
         metrics["train_seconds"] = time.perf_counter() - t_epoch
         if val is not None:
             metrics.update(validate(model, val, device, post, num_classes, loss_fn))
