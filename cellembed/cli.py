@@ -270,7 +270,7 @@ def fit_decoder(
     from cellembed.train import fit_decoder as run_fit
     from cellembed.train._ddp import reported_by_rank0
 
-    main = int(os.environ.get("RANK", 0)) == 0
+    main, world = int(os.environ.get("RANK", 0)) == 0, int(os.environ.get("WORLD_SIZE", 1))
 
     try:
         cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS)
@@ -282,7 +282,7 @@ def fit_decoder(
             state = {"t0": time.perf_counter(), "n": 0, "epoch": ""}
 
             def on_step(size):
-                state["n"] += size
+                state["n"] += size * world  # every rank steps with the same share of the global batch
                 rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
                 bar.update(task, advance=1, rate=f"{rate:6.1f} tiles/s  {state['epoch']}")
 

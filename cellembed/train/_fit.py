@@ -133,7 +133,8 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
     with ddp.same_on_every_rank(ranks):
         _check_ranks(config, ranks)
         _check_config(config)
-    device = ddp.start(ranks, _device(config.device))
+        device = _device(config.device)
+    device = ddp.start(ranks, device)
     try:
         return _fit(config, ranks, device, on_epoch, on_step, t0)
     finally:
