@@ -58,26 +58,28 @@ def env_ranks() -> Ranks:
     return ranks
 
 
-def start(ranks: Ranks, device: torch.device) -> torch.device:
-    """Join the process group (nccl on CUDA, gloo on CPU) and return this rank's device.
+def start(ranks: Ranks, device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group (nccl on CUDA, gloo on CPU); returns this rank's device and whether the group was
+    started here (a caller that started its own keeps it: leave it with :func:`stop` only when True).
 
     CUDA ranks take GPU ``LOCAL_RANK``; CPU ranks share the cores (``torch.set_num_threads(cores // local world
     size)``). Every collective fails after :data:`TIMEOUT_S` seconds instead of waiting for a dead rank forever.
     """
     if ranks.world_size == 1:
-        return device
+        return device, False
     if device.type == "cuda":
         device = torch.device("cuda", ranks.local_rank)
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // ranks.local_world_size))
-    if not dist.is_initialized():
-        if "MASTER_ADDR" not in os.environ:
-            raise ValueError(f"WORLD_SIZE is {ranks.world_size} but MASTER_ADDR is unset; start the processes with "
-                             "torchrun --nproc_per_node=N -m cellembed fit-decoder ...")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=TIMEOUT_S),
-                                **({"device_id": device} if device.type == "cuda" else {}))
-    return device
+    if dist.is_initialized():
+        return device, False
+    if "MASTER_ADDR" not in os.environ:
+        raise ValueError(f"WORLD_SIZE is {ranks.world_size} but MASTER_ADDR is unset; start the processes with "
+                         "torchrun --nproc_per_node=N -m cellembed fit-decoder ...")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=TIMEOUT_S),
+                            **({"device_id": device} if device.type == "cuda" else {}))
+    return device, True
 
 
 def stop() -> None:

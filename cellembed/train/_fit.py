@@ -134,11 +134,11 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
         _check_ranks(config, ranks)
         _check_config(config)
         device = _device(config.device)
-    device = ddp.start(ranks, device)
+    device, started = ddp.start(ranks, device)
     try:
         return _fit(config, ranks, device, on_epoch, on_step, t0)
     finally:
-        if ranks.world_size > 1:
+        if started:
             ddp.stop()
 
 
