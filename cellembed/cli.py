@@ -56,7 +56,7 @@ def _fail(err: BaseException) -> None:
     raise typer.Exit(2)
 
 
-def _progress_bar():
+def _progress_bar(disable: bool = False):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -68,7 +68,7 @@ def _progress_bar():
 
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                    console=console, transient=False)
+                    console=console, transient=False, disable=disable)
 
 
 class _ExtractProgress:
@@ -203,7 +203,9 @@ def fit_decoder(
     loss: str = typer.Option("mindthegap-msge", help="mindthegap-msge (Mind the Gap's + the MSGE of the directional "
                              "maps) | mindthegap | cisca (CISCA's exact weighting)"),
     epochs: int = typer.Option(20, min=1, help="Epochs (Mind the Gap: 100 at --lr 1e-4 --batch-size 16)."),
-    batch_size: int = typer.Option(4, min=1),
+    batch_size: int = typer.Option(4, min=1, help="Global batch: under torchrun each of the N processes takes "
+                                   "batch-size / N per step (must divide), so N processes train like one with this "
+                                   "batch."),
     lr: float = typer.Option(3e-3, help="OneCycle peak learning rate (30% warm-up, down to 1e-6)."),
     memory: str = typer.Option("auto", help="stream | ram | gpu | auto (gpu if it fits, else ram, else stream)"),
     augment: str = typer.Option("auto", help="auto | none | dihedral (flip/rot90 of every level and the GT) | "
@@ -258,22 +260,29 @@ def fit_decoder(
     dtype: str = typer.Option("fp16", help="live: feature dtype, as the cache would store it"),
     option: list[str] = typer.Option([], "--option", "-o", help="live: dataset option KEY=VALUE, repeatable."),
 ):
-    """Train a decoder from a feature cache at the speed of the decoder (resumes an interrupted run)."""
+    """Train a decoder from a feature cache at the speed of the decoder (resumes an interrupted run).
+
+    Several processes train one model with DDP: torchrun --standalone --nproc_per_node=N -m cellembed fit-decoder
+    ... (gloo on CPU, nccl on GPU LOCAL_RANK; rank 0 writes the run; rerun the same command to resume).
+    """
     from cellembed.cache import CacheError
     from cellembed.train import FitConfig
     from cellembed.train import fit_decoder as run_fit
+    from cellembed.train._ddp import reported_by_rank0
+
+    main, world = int(os.environ.get("RANK", 0)) == 0, int(os.environ.get("WORLD_SIZE", 1))
 
     try:
         cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS)
     except USER_ERRORS as err:
         _fail(err)
     try:
-        with _progress_bar() as bar:
+        with _progress_bar(disable=not main) as bar:
             task = bar.add_task("fit", total=None, rate="")
             state = {"t0": time.perf_counter(), "n": 0, "epoch": ""}
 
             def on_step(size):
-                state["n"] += size
+                state["n"] += size * world  # every rank steps with the same share of the global batch
                 rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
                 bar.update(task, advance=1, rate=f"{rate:6.1f} tiles/s  {state['epoch']}")
 
@@ -285,10 +294,14 @@ def fit_decoder(
 
             result = run_fit(cfg, on_epoch=on_epoch, on_step=on_step)
     except (CacheError, FloatingPointError, *USER_ERRORS) as err:
+        if reported_by_rank0(err):
+            raise typer.Exit(2) from None
         _fail(err)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted:[/] finished epochs are kept; rerun the same command to resume")
         raise typer.Exit(130)
+    if not main:
+        return
     best = result.best or {}
     value = best.get("value")
     console.print(f"[green]run[/] {result.run_dir}  decoder parameters {result.n_params:,}  epochs run now "

@@ -104,6 +104,18 @@ def test_resume_after_interruption_ends_with_the_same_weights(caches, tmp_path):
         for f, r in zip(full.history, resumed.history))
 
 
+def test_light_decoder_run_resumes(caches, tmp_path):
+    """The light decoder records no unetr options; a rerun must not read their absence as another config."""
+    def stop_after_first(epoch, total, metrics):
+        if epoch == 1:
+            raise KeyboardInterrupt
+
+    config = _config(caches, tmp_path / "light", decoder="light", val_cache=None)
+    with pytest.raises(KeyboardInterrupt):
+        fit_decoder(config, on_epoch=stop_after_first)
+    assert fit_decoder(config).epochs_run == 1
+
+
 def test_sigkill_mid_epoch_then_rerun_matches_uninterrupted(caches, tmp_path):
     """A real SIGKILL of the CLI while it trains; the rerun resumes from the last finished epoch."""
     args = [sys.executable, "-m", "cellembed", "fit-decoder", str(caches["train"]), "--epochs", "6",

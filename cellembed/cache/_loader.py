@@ -11,7 +11,10 @@ batches for the same seed:
    decoded samples as fit in 64 MB, between 16 and 512, computed from the manifest, so the same in every mode).
 3. Streams are interleaved one sample at a time (what a DataLoader over an IterableDataset does with
    ``batch_size=None``) and cut into batches; every rank yields ``len(loader)`` batches, the smallest
-   rank's count, so DDP ranks stay in step (in DDP a few samples of the larger ranks sit out each epoch).
+   rank's count, so DDP ranks stay in step: when the ranks' sample counts differ (shards of unequal size, or
+   a shard count that does not divide by the world size), the surplus of a larger rank (the samples last in
+   its shuffled order, so other ones every epoch) sits out that epoch. A rank needs at least one shard.
+   ``same_steps=False`` (validation, which runs no per-step collective) yields every sample of the rank.
 
 Dihedral variants are drawn per epoch per sample (by the sample's index in the cache), so a sample gets the
 same variant whatever the mode, rank or worker.
@@ -131,7 +134,7 @@ def make_loader(cache: Cache | str | Path, *, batch_size: int, memory: str = "au
                 head: str = "cisca", magnification: str = "40x", shuffle: bool = True, seed: int = 0,
                 num_workers: int = 2, device: str | torch.device = "cpu", rank: int = 0, world_size: int = 1,
                 levels: list[str] | None = None, shuffle_buffer: int | str = SHUFFLE_BUFFER,
-                drop_last: bool = False, oversample: str = "none") -> Loader:
+                drop_last: bool = False, oversample: str = "none", same_steps: bool = True) -> Loader:
     """A per-epoch iterable of :class:`Batch` over a feature cache.
 
     Args:
@@ -152,7 +155,8 @@ def make_loader(cache: Cache | str | Path, *, batch_size: int, memory: str = "au
         num_workers: worker processes that read and decode shards in "stream" mode (and load "ram"/"gpu");
             also the number of streams the order is built from, so keep it equal to compare modes.
         device: where batches go.
-        rank, world_size: this process's DDP rank and the number of ranks (shards are split between them).
+        rank, world_size: this process's DDP rank and the number of ranks (shards are split between them;
+            raises CacheError when there are fewer shards than ranks and ``same_steps``).
         levels: subset of ``cache.level_names`` to serve (default: all), in cache order.
         shuffle_buffer: samples held per stream when shuffling, or "auto": as many decoded samples (every
             cached level, image, GT maps) as fit in 64 MB, clamped to 16..512. The buffer bounds stream mode's
@@ -165,12 +169,14 @@ def make_loader(cache: Cache | str | Path, *, batch_size: int, memory: str = "au
             them). The list is drawn once with seed 5, whatever ``seed``, from every tile's instance class
             counts (read from the cache's GT when the loader is built; ``loader.oversampled``). Raises
             ValueError when the cache's classes do not fit the scheme (PanNuke: 5 classes, CoNIC: 6).
+        same_steps: every rank yields the smallest rank's number of batches (training under DDP, whose ranks
+            must step together); False: every sample of this rank (validation).
     """
     cache = open_cache(cache) if isinstance(cache, (str, Path)) else cache
     return Loader(cache, batch_size=batch_size, memory=memory, augment=augment, head=head,
                   magnification=magnification, shuffle=shuffle, seed=seed, num_workers=num_workers,
                   device=torch.device(device), rank=rank, world_size=world_size, levels=levels,
-                  shuffle_buffer=shuffle_buffer, drop_last=drop_last, oversample=oversample)
+                  shuffle_buffer=shuffle_buffer, drop_last=drop_last, oversample=oversample, same_steps=same_steps)
 
 
 def _check_options(o: dict, cache: Cache) -> None:
@@ -187,9 +193,19 @@ def _check_options(o: dict, cache: Cache) -> None:
         raise ValueError("batch_size must be >= 1 and num_workers >= 0")
     if not 0 <= o["rank"] < o["world_size"]:
         raise ValueError(f"rank {o['rank']} is outside world size {o['world_size']}")
+    if o["same_steps"]:
+        check_world_size(cache, o["world_size"])
     unknown = [n for n in (o["levels"] or []) if n not in cache.level_names]
     if unknown:
         raise CacheError(f"{cache.path}: levels {unknown} are not cached; this cache holds {cache.level_names}")
+
+
+def check_world_size(cache: Cache, world_size: int) -> None:
+    """Refuse more training ranks than the cache has shards (ranks read whole shards; each needs one)."""
+    n_shards = len(cache.manifest["shards"])
+    if world_size > n_shards:
+        raise CacheError(f"{cache.path}: {n_shards} shard(s) for {world_size} processes; every rank reads whole "
+                         f"shards, so run at most {n_shards} processes or re-extract with a smaller --shard-size")
 
 
 class Loader:
@@ -229,7 +245,8 @@ class Loader:
         self.n_samples = per_rank[o["rank"]]
         self.n_tiles = sum(self.counts[o["rank"]::o["world_size"]])
         b = o["batch_size"]
-        self.n_batches = min(n // b if o["drop_last"] else -(-n // b) for n in per_rank)
+        steps = [n // b if o["drop_last"] else -(-n // b) for n in per_rank]
+        self.n_batches = min(steps) if o["same_steps"] else steps[o["rank"]]
         self.memory = o["memory"] if o["memory"] != "auto" else choose_memory(self)
         self.store = self.memo = self._stream = None
         if self.memory != "stream":

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from cellembed.cache._manifest import write_json_atomic
 
@@ -49,10 +49,21 @@ def last_tensors(run_dir: Path) -> Path:
     return run_dir / json.loads((run_dir / "last.json").read_text())["tensors"]
 
 
-def load_state(run_dir: Path, model, optimizer, scheduler) -> tuple[int, list[dict], dict | None]:
-    """Restore what :func:`save_state` wrote; returns (last finished epoch, history, best)."""
+def read_state(run_dir: Path) -> tuple[dict, bytes] | None:
+    """The committed resume state as (``last.json`` content, raw bytes of its tensor file), or None without one.
+
+    Bytes, so that in DDP rank 0 reads the state once and hands it to every rank (:func:`apply_state`)."""
+    if not (run_dir / "last.json").is_file():
+        return None
     meta = json.loads((run_dir / "last.json").read_text())
-    tensors = load_file(str(run_dir / meta["tensors"]))
+    return meta, (run_dir / meta["tensors"]).read_bytes()
+
+
+def apply_state(state: tuple[dict, bytes], model, optimizer, scheduler) -> tuple[int, list[dict], dict | None]:
+    """Load a :func:`read_state` result into the model, optimizer, scheduler and torch RNG; returns (last finished
+    epoch, history, best)."""
+    meta, data = state
+    tensors = load(data)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict] = {}
     for key, value in tensors.items():
@@ -63,3 +74,4 @@ def load_state(run_dir: Path, model, optimizer, scheduler) -> tuple[int, list[di
     scheduler.load_state_dict(meta["scheduler"])
     torch.set_rng_state(tensors["rng.torch"])
     return meta["epoch"], meta["history"], meta["best"]
+

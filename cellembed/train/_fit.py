@@ -24,21 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-import numpy as np
 import torch
 
 from cellembed.cache._manifest import write_json_atomic
-from cellembed.evaluate._predict import (
-    INSTANCE_HEADS,
-    Postprocess,
-    batch_instances,
-    decoder_maps,
-    default_postprocess,
-    semantic_counts,
-    semantic_summary,
-    true_maps,
-)
-from cellembed.train._checkpoint import load_state, save_model, save_state
+from cellembed.evaluate._predict import INSTANCE_HEADS, Postprocess, default_postprocess
+from cellembed.train import _ddp as ddp
+from cellembed.train._checkpoint import apply_state, read_state, save_model, save_state
+from cellembed.train._validate import validate
 
 SOURCES = ("cache", "live")
 LOSSES = ("mindthegap", "mindthegap-msge", "cisca")
@@ -122,21 +114,38 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
                 on_step: StepCallback | None = None) -> FitResult:
     """Train a decoder; resumes from ``<out>/last.*`` when an interrupted run with the same config is there.
 
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) every process calls this and together they train one model with
+    DistributedDataParallel (see ``cellembed.train._ddp``): ``batch_size`` is the global batch, each rank reads
+    its own shards, validation scores the union of the ranks' images, and rank 0 alone writes the run.
+
     Args:
         config: the run's settings.
-        on_epoch: called after every finished (and saved) epoch with (epoch, epochs, metrics).
-        on_step: called after every optimizer step with the number of samples in it.
+        on_epoch: called after every finished (and saved) epoch with (epoch, epochs, metrics), on every rank.
+        on_step: called after every optimizer step with the number of samples in it (this rank's).
 
     Raises:
         CacheError: a cache that is incomplete, corrupt, or does not match the run.
         ValueError: invalid settings, or ``out`` holds another run and ``overwrite`` is not set.
+        RuntimeError: under DDP, another rank stopped or a collective timed out.
     """
+    t0 = time.perf_counter()
+    ranks = ddp.env_ranks()
+    with ddp.same_on_every_rank(ranks):
+        _check_ranks(config, ranks)
+        _check_config(config)
+        device = _device(config.device)
+    device, started = ddp.start(ranks, device)
+    try:
+        return _fit(config, ranks, device, on_epoch, on_step, t0)
+    finally:
+        if started:
+            ddp.stop()
+
+
+def _fit(config: FitConfig, ranks: ddp.Ranks, device: torch.device, on_epoch, on_step, t0: float) -> FitResult:
     from cellembed.decoders import build_decoder
 
-    t0 = time.perf_counter()
-    _check_config(config)
-    device = _device(config.device)
-    train, source = _train_source(config, device)
+    train, source = _train_source(config, device, ranks)
     # nucleus heads predict classes 1..C beside background; the semantic head predicts every class name
     num_classes = len(source["class_names"]) - (0 if config.head == "semantic" else 1)
     torch.manual_seed(config.seed)
@@ -144,37 +153,70 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
                           image_skip=_image_skip(config), **_decoder_options(config)).to(device)
     if device.type == "cuda":  # cuDNN's NHWC kernels under bf16 autocast; same weights and outputs
         model = model.to(memory_format=torch.channels_last)
+    net = ddp.wrap(model, device)  # what trains; ``model`` (no ``module.`` prefix) is saved and validated
     n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     post = (Postprocess(config.head, config.postprocess) if config.postprocess
             else default_postprocess(config.head, {"identity": source["identity"]}, config.magnification))
-    val = _val_loader(config, source, device, train)
+    val = _val_loader(config, source, device, train, ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _one_cycle(optimizer, config, len(train))
-    run_dir = _prepare_run(config, source, model, n_params, post)
+    source["world_size"] = ranks.world_size
+    run_dir = ddp.on_main(_prepare_run, config, source, model, n_params, post)
     start, history, best = 0, [], None
-    if (run_dir / "last.json").is_file():
-        start, history, best = load_state(run_dir, model, optimizer, scheduler)
+    state = ddp.on_main(read_state, run_dir)  # rank 0's checkpoint, loaded on every rank
+    if state is not None:
+        start, history, best = apply_state(state, model, optimizer, scheduler)
     loss_fn = make_loss(config.head, config.loss)
     for epoch in range(start, config.epochs):
         if _stop_early(config, history, best):
             break
         train.set_epoch(epoch)
         t_epoch = time.perf_counter()
-        metrics = {"epoch": epoch + 1, **_train_epoch(model, train, optimizer, scheduler, loss_fn, device, on_step)}
+        with ddp.peers_alive():
+            metrics = {"epoch": epoch + 1, **_train_epoch(net, train, optimizer, scheduler, loss_fn, device,
+                                                          on_step, model.image_skip)}
         metrics["train_seconds"] = time.perf_counter() - t_epoch
         if val is not None:
             metrics.update(validate(model, val, device, post, num_classes, loss_fn))
         history.append(metrics)
-        best = _keep_best(run_dir, model, config.best_metric, metrics, best)
-        save_state(run_dir, model, optimizer, scheduler, epoch + 1, history, best)  # the epoch's commit point
-        _write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        best = ddp.on_main(_commit_epoch, run_dir, model, optimizer, scheduler, config.best_metric, history, best)
         if on_epoch:
             on_epoch(epoch + 1, config.epochs, metrics)
-    if history:
-        _plot_curves(run_dir, history)
-    if config.tune and config.val_cache and best is not None and config.head in INSTANCE_HEADS:
-        _tune_min_area(config, run_dir, post)
+    ddp.barrier()  # every rank is past its last collective before any leaves the group
+    if ranks.main:  # the others are done: they need not wait for the plot and the tuning
+        if history:
+            _plot_curves(run_dir, history)
+        if config.tune and config.val_cache and best is not None and config.head in INSTANCE_HEADS:
+            _tune_min_area(config, run_dir, post)
     return FitResult(run_dir, len(history) - start, best, history, n_params, time.perf_counter() - t0)
+
+
+def _check_ranks(c: FitConfig, ranks: ddp.Ranks) -> None:
+    """Settings DDP cannot run: the live source, a global batch that does not split evenly over the ranks, more
+    ranks than the training cache has shards."""
+    if ranks.world_size == 1:
+        return
+    if c.source == "live":
+        raise ValueError(f"--source live trains in one process, not {ranks.world_size}; run it without torchrun, or "
+                         "extract a cache (`cellembed extract`) and train from it under torchrun")
+    if c.batch_size % ranks.world_size:
+        raise ValueError(f"--batch-size {c.batch_size} is the global batch and must split evenly over the "
+                         f"{ranks.world_size} processes; use a multiple of {ranks.world_size}")
+    if c.cache:
+        from cellembed.cache import open_cache
+        from cellembed.cache._loader import check_world_size
+
+        check_world_size(open_cache(c.cache), ranks.world_size)
+
+
+def _commit_epoch(run_dir: Path, model, optimizer, scheduler, metric: str, history: list[dict],
+                  best: dict | None) -> dict | None:
+    """Rank 0's writes after an epoch: the best checkpoint, the resume state (the epoch's commit point), then
+    ``metrics.jsonl``; returns the best so far."""
+    best = _keep_best(run_dir, model, metric, history[-1], best)
+    save_state(run_dir, model, optimizer, scheduler, history[-1]["epoch"], history, best)
+    _write_text_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    return best
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -250,8 +292,9 @@ def _level_names(levels: str | None) -> list[str] | None:
     return [n.strip() for n in levels.split(",") if n.strip()] if levels else None
 
 
-def _train_source(c: FitConfig, device: torch.device):
-    """The training loader and what the decoder and the run record need to know about its features."""
+def _train_source(c: FitConfig, device: torch.device, ranks: ddp.Ranks = ddp.Ranks()):
+    """The training loader (this rank's shards, ``batch_size / world size`` per step) and what the decoder and the
+    run record need to know about its features."""
     if c.source == "live":
         from cellembed.train._live import make_live_loader
 
@@ -266,10 +309,10 @@ def _train_source(c: FitConfig, device: torch.device):
     from cellembed.cache import make_loader, open_cache
 
     cache = open_cache(c.cache)
-    loader = make_loader(cache, batch_size=c.batch_size, memory=c.memory, augment=_augment(c), head=c.head,
-                         magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers,
-                         device=device, levels=_level_names(c.levels), shuffle_buffer=c.shuffle_buffer,
-                         **_oversample(c))
+    loader = make_loader(cache, batch_size=c.batch_size // ranks.world_size, memory=c.memory, augment=_augment(c),
+                         head=c.head, magnification=c.magnification, shuffle=True, seed=c.seed,
+                         num_workers=c.num_workers, device=device, rank=ranks.rank, world_size=ranks.world_size,
+                         levels=_level_names(c.levels), shuffle_buffer=c.shuffle_buffer, **_oversample(c))
     levels = [lv for lv in cache.manifest["levels"] if lv["name"] in loader.level_names]
     return loader, {"kind": "cache", "levels": levels, "tile_size": cache.manifest["tile_size"],
                     "cache_key": cache.cache_key, "class_names": cache.manifest["class_names"],
@@ -289,8 +332,9 @@ def _oversample(c: FitConfig) -> dict:
     return {} if c.oversample == "none" else {"oversample": c.oversample}
 
 
-def _val_loader(c: FitConfig, source: dict, device: torch.device, train):
-    """The validation cache's loader; live runs without one validate live on the dataset's val split."""
+def _val_loader(c: FitConfig, source: dict, device: torch.device, train, ranks: ddp.Ranks = ddp.Ranks()):
+    """The validation cache's loader (every sample of this rank's shards); live runs without one validate live on
+    the dataset's val split."""
     if not c.val_cache:
         if c.source != "live":
             return None
@@ -303,11 +347,13 @@ def _val_loader(c: FitConfig, source: dict, device: torch.device, train):
             seed=c.seed, num_workers=c.num_workers, device=device, levels=[lv["name"] for lv in source["levels"]])
     from cellembed.cache import make_loader, open_cache
 
-    cache = open_cache(c.val_cache)
-    check_run_cache(cache, source, "validation cache")
-    return make_loader(cache, batch_size=c.batch_size, memory=c.memory, augment="none", head=c.head,
-                       magnification=c.magnification, shuffle=False, seed=c.seed, num_workers=c.num_workers,
-                       device=device, levels=[lv["name"] for lv in source["levels"]])
+    with ddp.same_on_every_rank(ranks):
+        cache = open_cache(c.val_cache)
+        check_run_cache(cache, source, "validation cache")
+    return make_loader(cache, batch_size=max(1, c.batch_size // ranks.world_size), memory=c.memory, augment="none",
+                       head=c.head, magnification=c.magnification, shuffle=False, seed=c.seed,
+                       num_workers=c.num_workers, device=device, rank=ranks.rank, world_size=ranks.world_size,
+                       levels=[lv["name"] for lv in source["levels"]], same_steps=False)
 
 
 def check_run_cache(cache, run: dict, role: str) -> None:
@@ -357,7 +403,7 @@ def _record(config: FitConfig, source: dict, n_params: int, post: Postprocess, n
             "decoder": {"name": config.decoder, "head": config.head, "num_classes": num_classes,
                         "image_skip": _image_skip(config), **_decoder_options(config),
                         "trainable_parameters": n_params},
-            "postprocess": post.to_dict()}
+            "postprocess": post.to_dict(), "world_size": source.get("world_size", 1)}
 
 
 LEGACY_CONFIG = {"full_channels": None, "type_branch": False, "level_depth": 1, "split_trunks": False}
@@ -369,10 +415,13 @@ def _same_run(old: dict, new: dict) -> bool:
     from cellembed.evaluate._run import LEGACY_DECODER
 
     legacy = {"config": LEGACY_CONFIG, "decoder": LEGACY_DECODER}
-    old = {**old, **{part: {**legacy[part], **old[part]} for part in legacy if isinstance(old.get(part), dict)}}
+    new = json.loads(json.dumps(new))
+    # an option the new record has and the old one lacks took its legacy value (light runs have no unetr options)
+    old = {**old, **{part: {**{k: v for k, v in legacy[part].items() if k in new.get(part, {})}, **old[part]}
+                     for part in legacy if isinstance(old.get(part), dict)}}
     strip = lambda r: {**r, "config": {k: v for k, v in r["config"].items() if k not in RESUME_FREE},
-                       "postprocess": None}
-    return strip(old) == strip(json.loads(json.dumps(new)))
+                       "postprocess": None, "world_size": None}
+    return strip(old) == strip(new)
 
 
 def _prepare_run(config: FitConfig, source: dict, model, n_params: int, post: Postprocess) -> Path:
@@ -392,6 +441,7 @@ def _prepare_run(config: FitConfig, source: dict, model, n_params: int, post: Po
             for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob("last-*.safetensors")]:
                 path.unlink(missing_ok=True)
         else:
+            _check_same_world(run_dir, old.get("world_size", 1), record["world_size"], config.overwrite)
             record["postprocess"] = old.get("postprocess", record["postprocess"])  # keep a tuned min area
     elif run_dir.exists() and any(run_dir.iterdir()) and not config.overwrite:
         raise ValueError(f"{run_dir} exists and is not a cellembed run; choose another --out")
@@ -400,18 +450,33 @@ def _prepare_run(config: FitConfig, source: dict, model, n_params: int, post: Po
     return run_dir
 
 
-def _step(model, batch, loss_fn, device):
+def _check_same_world(run_dir: Path, old: int, new: int, overwrite: bool) -> None:
+    """A run resumes with the number of processes it started with: with another, the steps per epoch (the smallest
+    rank's share) and so the OneCycle schedule saved with it may not fit."""
+    if old != new and (run_dir / "last.json").is_file() and not overwrite:
+        how = "without torchrun" if old == 1 else f"under torchrun --nproc_per_node={old} (or as many in all nodes)"
+        raise ValueError(f"{run_dir} was trained by {old} process(es), this is {new}; resume it {how}, or pass "
+                         "--overwrite to start it again")
+
+
+def _step(model, batch, loss_fn, device, image_skip: bool | None = None):
+    """Forward and loss of one batch; ``image_skip`` for a wrapped (DDP) model, which hides the decoder's flag."""
+    skip = model.image_skip if image_skip is None else image_skip
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        outputs = model(batch.feats, batch.image if model.image_skip else None)
+        outputs = model(batch.feats, batch.image if skip else None)
     outputs = {k: v.float() for k, v in outputs.items()}
     return loss_fn(outputs, batch.targets)
 
 
-def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, on_step) -> dict:
+def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, on_step,
+                 image_skip: bool | None = None) -> dict:
+    """One pass; ``train_loss`` is the sample-weighted mean of the batch losses over every rank.
+
+    ``image_skip``: the decoder's flag when ``model`` is its DDP wrapper (default: ``model.image_skip``)."""
     model.train()
     total, n, lr = 0.0, 0, None
     for batch in loader:
-        loss, _ = _step(model, batch, loss_fn, device)
+        loss, _ = _step(model, batch, loss_fn, device, image_skip)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"training loss became {float(loss)} at sample {n}; lower --lr, or check "
                                      "the cache with `cellembed verify` (NaN/Inf features)")
@@ -424,38 +489,8 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, on_step) 
         total, n = total + loss.item() * size, n + size
         if on_step:
             on_step(size)
+    total, n = ddp.sum_all(total, n)
     return {"train_loss": total / max(n, 1), "lr": lr}
-
-
-@torch.no_grad()
-def validate(model, loader, device, post: Postprocess, num_classes: int, loss_fn=None) -> dict:
-    """Validation losses and, for instance heads, PQ / mPQ+ / AJI with the run's real post-processing."""
-    from cellembed.metrics import image_counts, score_counts
-
-    model.eval()
-    total, n, parts, counts, sem = 0.0, 0, {}, [], np.zeros((max(num_classes, 1), 3), np.int64)
-    for batch in loader:
-        outputs, maps = decoder_maps(model, batch, device)
-        size = len(batch.image)
-        if loss_fn is not None:
-            loss, terms = loss_fn(outputs, batch.targets)
-            total, n = total + float(loss) * size, n + size
-            for k, v in terms.items():
-                parts[k] = parts.get(k, 0.0) + float(v) * size
-        if post.head in INSTANCE_HEADS:
-            pred, true = batch_instances(maps, post), true_maps(batch)
-            counts += [image_counts(p, t, num_classes) for p, t in zip(pred, true)]
-        else:
-            sem += semantic_counts(maps, batch, num_classes)
-    out = {}
-    if loss_fn is not None:
-        out = {"val_loss": total / max(n, 1), **{f"val_{k}": v / max(n, 1) for k, v in parts.items()}}
-    if counts:
-        s = score_counts(counts, num_classes)["summary"]
-        out.update({f"val_{k}": s[k] for k in ("pq", "dq", "sq", "aji", "mpq_plus")})
-    elif post.head == "semantic":
-        out.update({f"val_{k}": v for k, v in semantic_summary(sem).items()})
-    return out
 
 
 def _keep_best(run_dir: Path, model, metric: str, metrics: dict, best: dict | None) -> dict | None:
