@@ -168,15 +168,16 @@ def extract(
         console.print("[yellow]manifest pending:[/] other ranks are still writing; the last to finish writes it")
 
 
-def _merge_config(ctx: typer.Context, path: Path | None, cls, fields: dict):
-    """Merge a YAML config with the options given on the command line (those win) into a config dataclass."""
+def _merge_config(ctx: typer.Context, path: Path | None, cls, fields: dict, skip: tuple[str, ...] = ()):
+    """Merge a YAML config with the options given on the command line (those win) into a config dataclass
+    (options in ``skip`` are the command's own, not fields)."""
     from cellembed._config import from_dict, load_yaml
 
     data = load_yaml(path) if path else {}
     for name, value in ctx.params.items():
         source = ctx.get_parameter_source(name)
         explicit = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-        if name == "config" or (path and not explicit):
+        if name == "config" or name in skip or (path and not explicit):
             continue
         if name == "option":
             value = {**data.get("dataset_options", {}), **_parse_options(value)}
@@ -239,7 +240,13 @@ def fit_decoder(
                               "--val-cache (as `cellembed tune`) and save it with the run."),
     best_metric: str = typer.Option("pq", help="Validation value that picks model.safetensors: pq | mpq_plus | "
                                     "aji | loss ... (lower is better for losses)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seeds the initial weights, and the batch order unless --data-seed is given."),
+    data_seed: int | None = typer.Option(None, help="Seed of the batch order and augmentation draws (default: "
+                                         "--seed)."),
+    variant: list[str] = typer.Option([], "--variant", help="Train several decoders from one read of the cache per "
+                                      "epoch: one per --variant 'KEY=VALUE ...' (FitConfig fields over these options, "
+                                      "e.g. 'levels=block_2,block_4 lr=1e-3', 'seed=1', 'decoder=light name=L'; '' "
+                                      "for these options alone); each a normal run in --out/<name>."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="Loader worker processes."),
     shuffle_buffer: str = typer.Option("auto", callback=lambda v: int(v) if v.isdigit() else v, help="Samples each stream-mode reader holds to shuffle: auto "
@@ -264,9 +271,11 @@ def fit_decoder(
     from cellembed.train import fit_decoder as run_fit
 
     try:
-        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS)
+        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS, skip=("variant",))
     except USER_ERRORS as err:
         _fail(err)
+    if variant:
+        return _fit_many(cfg, variant)
     try:
         with _progress_bar() as bar:
             task = bar.add_task("fit", total=None, rate="")
@@ -295,6 +304,44 @@ def fit_decoder(
                   f"{result.epochs_run}  best {best.get('metric')} "
                   f"{'-' if value is None else format(value, '.4f')} at epoch {best.get('epoch')}  "
                   f"({result.seconds:.1f} s)")
+
+
+def _fit_many(base, variants: list[str]) -> None:
+    """``fit-decoder --variant ...``: the decoders of one pass, a progress bar with the pass's rate, a table."""
+    from cellembed.cache import CacheError
+    from cellembed.train import fit_many, variant_configs
+
+    try:
+        configs = variant_configs(base, variants)
+        with _progress_bar() as bar:
+            task = bar.add_task(f"fit x{len(configs)}", total=None, rate="")
+            state = {"t0": time.perf_counter(), "n": 0, "epoch": ""}
+
+            def on_step(size):
+                state["n"] += size
+                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
+                bar.update(task, advance=1, rate=f"{rate:6.1f} tiles/s x {len(configs)} decoders  {state['epoch']}")
+
+            def on_epoch(index, epoch, total, metrics):
+                pq = metrics.get("val_pq")
+                state["epoch"] = f"epoch {epoch}/{total}" + ("" if pq is None else f"  {Path(configs[index].out).name} "
+                                                             f"val_pq {pq:.4f}")
+
+            results = fit_many(configs, on_epoch=on_epoch, on_step=on_step)
+    except (CacheError, FloatingPointError, *USER_ERRORS) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished epochs of every run are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+    table = Table(title=f"{len(results)} decoders, one pass per epoch ({results[0].seconds:.1f} s)")
+    for col in ("run", "levels", "parameters", "epochs run now", "best", "value", "at epoch"):
+        table.add_column(col, justify="left" if col in ("run", "levels", "best") else "right")
+    for c, r in zip(configs, results):
+        best = r.best or {}
+        value = best.get("value")
+        table.add_row(str(r.run_dir), c.levels or "all", f"{r.n_params:,}", str(r.epochs_run), str(best.get("metric")),
+                      "-" if value is None else f"{value:.4f}", str(best.get("epoch")))
+    _stdout().print(table)
 
 
 @app.command()
