@@ -344,6 +344,80 @@ def _fit_many(base, variants: list[str]) -> None:
     _stdout().print(table)
 
 
+@app.command("search-blocks")
+def search_blocks(
+    ctx: typer.Context,
+    cache: str = typer.Argument(..., help="Training cache holding the levels to combine (e.g. `extract --blocks "
+                                "all`)."),
+    val_cache: str = typer.Option(..., help="Validation cache of the same encoder: candidates are ranked by its "
+                                  "score."),
+    out: Path = typer.Option(..., help="Search folder: runs/<levels>/ (one normal run per candidate), search.json, "
+                             "search.md, search.png."),
+    strategy: str = typer.Option("greedy", help="greedy (forward selection: best single level, then add the level "
+                                 "that helps most, until none helps) | halving (successive halving over the subsets "
+                                 "of 1..--max-levels levels, trained in one pass)"),
+    budget: int | None = typer.Option(None, min=1, help="The most decoders trained (greedy: stop before a round that "
+                                      "would exceed it; halving: a seeded sample of this many subsets). Default: no "
+                                      "limit / every subset."),
+    max_levels: int = typer.Option(4, min=1, help="The largest combination tried."),
+    min_gain: float = typer.Option(0.0, help="greedy: how much an added level must raise the score to be kept."),
+    levels: str | None = typer.Option(None, help="The levels to combine, e.g. block_2,block_5,block_8 (default: "
+                                      "every cached level)."),
+    config: Path | None = typer.Option(None, help="YAML file with any FitConfig field for every candidate (decoder, "
+                                          "loss, augment, ...); options given here win."),
+    epochs: int = typer.Option(20, min=1, help="Epochs per candidate (halving: of the candidates that survive)."),
+    batch_size: int = typer.Option(4, min=1),
+    lr: float = typer.Option(3e-3, help="OneCycle peak learning rate of every candidate."),
+    decoder: str = typer.Option("unetr", help="unetr | light"),
+    best_metric: str = typer.Option("pq", help="The validation value that scores a candidate: pq | mpq_plus | aji | "
+                                    "loss ... (lower is better for losses)."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune the best run's minimum area on --val-cache."),
+    seed: int = typer.Option(0, help="Seeds every candidate's weights and the shared batch order."),
+    memory: str = typer.Option("auto", help="stream | ram | gpu | auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(2, min=0, help="Loader worker processes."),
+    overwrite: bool = typer.Option(False, help="Replace runs in --out/runs trained with other settings."),
+):
+    """Rank combinations of cached levels (blocks) by validation score, many decoders per pass over the cache."""
+    from cellembed.cache import CacheError
+    from cellembed.train import FitConfig
+    from cellembed.train._search import search_blocks as run_search
+
+    try:
+        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS, skip=("strategy", "budget", "max_levels", "min_gain"))
+    except USER_ERRORS as err:
+        _fail(err)
+    try:
+        with _progress_bar() as bar:
+            state = {"task": None, "n": 0, "t0": 0.0, "k": 0}
+
+            def on_round(round_, combos):
+                state.update(task=bar.add_task(f"round {round_}: {len(combos)} decoders", total=None, rate=""),
+                             n=0, t0=time.perf_counter(), k=len(combos))
+
+            def on_step(size):
+                state["n"] += size
+                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
+                bar.update(state["task"], advance=1, rate=f"{rate:6.1f} tiles/s x {state['k']} decoders")
+
+            result = run_search(cfg, strategy=strategy, budget=budget, max_levels=max_levels, min_gain=min_gain,
+                                on_round=on_round, on_step=on_step)
+    except (CacheError, FloatingPointError, *USER_ERRORS) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished epochs are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+    table = Table(title=f"search-blocks ({strategy}) by {best_metric}: {result.stopped}")
+    for col in ("rank", "levels", "round", best_metric, "epochs", "parameters"):
+        table.add_column(col, justify="left" if col == "levels" else "right")
+    for r in result.table:
+        table.add_row(str(r["rank"]), "+".join(r["levels"]), str(r["round"]), f"{r['score']:.4f}", str(r["epochs"]),
+                      f"{r['parameters']:,}")
+    _stdout().print(table)
+    console.print(f"[green]best[/] {'+'.join(result.best['levels'])}  run {result.best['run']}  "
+                  f"({result.seconds:.1f} s); wrote {result.out}/search.json, search.md, search.png")
+
+
 @app.command()
 def info(cache: str = typer.Argument(..., help="Cache directory, or a remote location (s3://bucket/cache, "
                                                "pipe:cat /data/cache/{}).")):
