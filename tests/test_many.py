@@ -1,6 +1,11 @@
 """Many decoders per pass: same results as separate runs, refused mismatches, resume, the CLI."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -108,6 +113,30 @@ def test_killed_many_run_resumes_each_run_to_the_uninterrupted_result(caches, tm
     for f, r in zip(full, resumed):
         a, b = _state(f.run_dir), _state(r.run_dir)
         assert all(torch.equal(a[k], b[k]) for k in a) and _no_times(f.history) == _no_times(r.history)
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_cli_then_rerun_matches_uninterrupted(caches, tmp_path):
+    """A real SIGKILL of `fit-decoder --variant` while it trains; the rerun resumes every run."""
+    args = [sys.executable, "-m", "cellembed", "fit-decoder", str(caches["train"]), "--epochs", "4",
+            "--batch-size", "2", "--device", "cpu", "--workers", "0", "--memory", "ram", "--no-refine",
+            "--variant", "levels=block_0 name=a", "--variant", "levels=block_3,block_5 lr=2e-3 name=b"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "b" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 2 <= metrics.read_text().count("\n") < 4, "the kill should land during training"
+    subprocess.run(args + ["--out", str(tmp_path / "killed")], env=env, check=True, capture_output=True)
+    subprocess.run(args + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
+    for name in ("a", "b"):
+        wk, ww = _state(tmp_path / "killed" / name), _state(tmp_path / "whole" / name)
+        assert all(torch.equal(wk[k], ww[k]) for k in ww), name
+        assert json.loads((tmp_path / "killed" / name / "last.json").read_text())["epoch"] == 4
 
 
 def test_prune_stops_a_run_and_keeps_its_state(caches, tmp_path):

@@ -75,6 +75,8 @@ def test_rungs_and_refusals(caches, tmp_path):
         search_blocks(_base(caches, tmp_path / "x", val_cache=None))
     with pytest.raises(ValueError, match="block_9 are not cached"):
         search_blocks(_base(caches, tmp_path / "x", levels="block_1,block_9"))
+    with pytest.raises(ValueError, match="budget 2 is below the first round's 3 decoders"):
+        search_blocks(_base(caches, tmp_path / "x"), budget=2)
     with pytest.raises(ValueError, match="unknown strategy"):
         search_blocks(_base(caches, tmp_path / "x"), strategy="random")
 

@@ -109,7 +109,7 @@ class _Member:
         if (self.run_dir / "last.json").is_file():
             self.start, self.history, self.best = load_state(self.run_dir, self.model, self.optimizer, self.scheduler)
         self.loss_fn = make_loss(config.head, config.loss)
-        self.stopped = False
+        self.device, self.stopped = device, False
         self.total = self.seen = 0.0
 
     def active(self, epoch: int) -> bool:
@@ -122,8 +122,8 @@ class _Member:
 
     def step(self, batch) -> None:
         sub = _pick(batch, self.index)
-        loss, self.lr = _train_step(self.model, sub, self.optimizer, self.scheduler, self.loss_fn,
-                                    sub.feats[0].device, int(self.seen))
+        loss, self.lr = _train_step(self.model, sub, self.optimizer, self.scheduler, self.loss_fn, self.device,
+                                    int(self.seen))
         size = len(batch.image)
         self.total, self.seen = self.total + loss * size, self.seen + size
 
@@ -133,8 +133,8 @@ def fit_many(configs: Sequence[FitConfig], on_epoch: ManyEpochCallback | None = 
     """Train one decoder per config from a single read of the training cache per epoch.
 
     Each config writes its own run directory (as :func:`~cellembed.train.fit_decoder`) and gets the weights,
-    optimizer state and history of a separate ``fit_decoder`` run of it (bit for bit on CPU; up to float
-    reduction order on GPU). Configs may differ in levels, decoder and its options, loss, learning rate,
+    optimizer state and history of a separate ``fit_decoder`` run of it: bit for bit on CPU (tested); on a GPU
+    as closely as two separate runs there agree (cuDNN may pick other kernels; not tested). Configs may differ in levels, decoder and its options, loss, learning rate,
     schedule, epochs, patience, best metric, post-processing, tuning and ``seed`` (the initial weights); they must
     share :data:`SHARED` and the data seed (``data_seed``, or ``seed`` where unset): seed variants of one
     config need ``data_seed`` set, so that their separate runs would read the same batches too.
@@ -168,8 +168,8 @@ def fit_many(configs: Sequence[FitConfig], on_epoch: ManyEpochCallback | None = 
     shared = dataclasses.replace(first, levels=None if served is None else ",".join(served))
     train, source = _train_source(shared, device)
     served = [lv["name"] for lv in source["levels"]]
+    val = _val_loader(shared, source, device, train)  # a bad validation cache is refused before runs are written
     members = [_Member(c, source, served, len(train), device) for c in configs]
-    val = _val_loader(shared, source, device, train)
     start = min([len(m.history) for m in members] + [max(c.epochs for c in configs)])
     for epoch in range(start, max(c.epochs for c in configs)):
         for i in prune(epoch, [m.history for m in members]) if prune else ():

@@ -136,6 +136,9 @@ class _Search:
                 return f"reached {len(chosen)} levels"
             combos = [[n for n in self.pool if n in chosen or n == add] for add in self.pool if add not in chosen]
             if budget is not None and spent + len(combos) > budget:
+                if round_ == 1:
+                    raise ValueError(f"budget {budget} is below the first round's {len(combos)} decoders (one per "
+                                     "level); raise --budget or pass fewer --levels")
                 return f"budget: round {round_} needs {len(combos)} more decoders ({spent} of {budget} trained)"
             rows = self.train(round_, combos)
             spent += len(rows)
