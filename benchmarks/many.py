@@ -125,7 +125,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--ks", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--memory", nargs="+", default=["ram", "stream"], choices=["ram", "stream", "gpu"])
-    parser.add_argument("--decoders", nargs="+", default=["unetr", "light"], choices=["unetr", "light"])
+    parser.add_argument("--decoders", nargs="+", default=["unetr"], choices=["unetr", "light"],
+                        help="light: the FM benchmark decoder (256 channels up to full resolution: slow on CPU)")
     parser.add_argument("--encoder", default="phikon", help="encoder preset (random weights, every block cached)")
     parser.add_argument("--workers", type=int, default=2, help="reader worker processes (stream, ram loading)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
