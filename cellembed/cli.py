@@ -381,7 +381,7 @@ def search_blocks(
     """Rank combinations of cached levels (blocks) by validation score, many decoders per pass over the cache."""
     from cellembed.cache import CacheError
     from cellembed.train import FitConfig
-    from cellembed.train._search import search_blocks as run_search
+    from cellembed.train import search_blocks as run_search
 
     try:
         cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS, skip=("strategy", "budget", "max_levels", "min_gain"))

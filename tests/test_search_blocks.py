@@ -9,7 +9,8 @@ from cellembed.cache import ExtractConfig, extract
 from cellembed.cli import app
 from cellembed.evaluate import score_run
 from cellembed.train import FitConfig
-from cellembed.train._search import _score, halving_rungs, search_blocks
+from cellembed.train import search_blocks
+from cellembed.train._search import _score, halving_rungs
 
 POOL = "block_1,block_3,block_5"
 

@@ -134,10 +134,11 @@ def fit_many(configs: Sequence[FitConfig], on_epoch: ManyEpochCallback | None = 
 
     Each config writes its own run directory (as :func:`~cellembed.train.fit_decoder`) and gets the weights,
     optimizer state and history of a separate ``fit_decoder`` run of it: bit for bit on CPU (tested); on a GPU
-    as closely as two separate runs there agree (cuDNN may pick other kernels; not tested). Configs may differ in levels, decoder and its options, loss, learning rate,
-    schedule, epochs, patience, best metric, post-processing, tuning and ``seed`` (the initial weights); they must
-    share :data:`SHARED` and the data seed (``data_seed``, or ``seed`` where unset): seed variants of one
-    config need ``data_seed`` set, so that their separate runs would read the same batches too.
+    as closely as two separate runs there agree (cuDNN may pick other kernels; not tested). Configs may differ
+    in levels, decoder and its options, loss, learning rate, schedule, epochs, patience, best metric,
+    post-processing, tuning and ``seed`` (the initial weights); they must share :data:`SHARED` and the data
+    seed (``data_seed``, or ``seed`` where unset): seed variants of one config need ``data_seed`` set, so that
+    their separate runs would read the same batches too.
 
     Resuming: rerun with the same configs; each run continues from its own last finished epoch (after a kill
     between two runs' saves of one epoch, the runs behind redo that epoch alone).
