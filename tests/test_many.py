@@ -156,6 +156,18 @@ def test_prune_stops_a_run_and_keeps_its_state(caches, tmp_path):
     assert [r.epochs_run for r in again] == [0, 0] and [len(r.history) for r in again] == [3, 1]
 
 
+def test_run_recorded_before_data_seed_resumes_and_another_data_seed_is_another_run(caches, tmp_path):
+    cfg = _config(caches, tmp_path / "run", epochs=1, val_cache=None, refine=False)
+    path = fit_decoder(cfg).run_dir / "config.json"
+    record = json.loads(path.read_text())
+    assert record["config"]["data_seed"] is None
+    del record["config"]["data_seed"]  # as written before the option existed
+    path.write_text(json.dumps(record))
+    assert fit_decoder(cfg).epochs_run == 0  # the same run: nothing left to train, nothing refused
+    with pytest.raises(ValueError, match="another config"):
+        fit_decoder(_config(caches, tmp_path / "run", epochs=1, val_cache=None, refine=False, data_seed=3))
+
+
 def test_variants_parse_to_typed_configs(tmp_path):
     assert parse_variant("levels=block_2,block_4 lr=1e-3 refine=false epochs=3") == \
         {"levels": "block_2,block_4", "lr": 1e-3, "refine": False, "epochs": 3}
