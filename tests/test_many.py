@@ -49,8 +49,8 @@ def _no_times(history):
     return [{k: v for k, v in h.items() if "seconds" not in k} for h in history]
 
 
-VARIANTS = (dict(levels="block_1,block_3"), dict(levels="block_5", lr=2e-3, epochs=3),
-            dict(seed=1, data_seed=0), dict(refine=False, levels="block_2,block_4"))
+VARIANTS = (dict(levels="block_1,block_3", refine=False), dict(levels="block_5", lr=2e-3, epochs=3, refine=False),
+            dict(seed=1, data_seed=0), dict(refine=False, levels="block_2,block_4", loss="mindthegap"))
 
 
 def test_many_equals_separate_runs_bit_for_bit(caches, tmp_path):
