@@ -168,15 +168,16 @@ def extract(
         console.print("[yellow]manifest pending:[/] other ranks are still writing; the last to finish writes it")
 
 
-def _merge_config(ctx: typer.Context, path: Path | None, cls, fields: dict):
-    """Merge a YAML config with the options given on the command line (those win) into a config dataclass."""
+def _merge_config(ctx: typer.Context, path: Path | None, cls, fields: dict, skip: tuple[str, ...] = ()):
+    """Merge a YAML config with the options given on the command line (those win) into a config dataclass
+    (options in ``skip`` are the command's own, not fields)."""
     from cellembed._config import from_dict, load_yaml
 
     data = load_yaml(path) if path else {}
     for name, value in ctx.params.items():
         source = ctx.get_parameter_source(name)
         explicit = source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
-        if name == "config" or (path and not explicit):
+        if name == "config" or name in skip or (path and not explicit):
             continue
         if name == "option":
             value = {**data.get("dataset_options", {}), **_parse_options(value)}
@@ -241,7 +242,13 @@ def fit_decoder(
                               "--val-cache (as `cellembed tune`) and save it with the run."),
     best_metric: str = typer.Option("pq", help="Validation value that picks model.safetensors: pq | mpq_plus | "
                                     "aji | loss ... (lower is better for losses)."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Seeds the initial weights, and the batch order unless --data-seed is given."),
+    data_seed: int | None = typer.Option(None, help="Seed of the batch order and augmentation draws (default: "
+                                         "--seed)."),
+    variant: list[str] = typer.Option([], "--variant", help="Train several decoders from one read of the cache per "
+                                      "epoch: one per --variant 'KEY=VALUE ...' (FitConfig fields over these options, "
+                                      "e.g. 'levels=block_2,block_4 lr=1e-3', 'seed=1', 'decoder=light name=L'; '' "
+                                      "for these options alone); each a normal run in --out/<name>."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="Loader worker processes."),
     shuffle_buffer: str = typer.Option("auto", callback=lambda v: int(v) if v.isdigit() else v, help="Samples each stream-mode reader holds to shuffle: auto "
@@ -273,9 +280,11 @@ def fit_decoder(
     main, world = int(os.environ.get("RANK", 0)) == 0, int(os.environ.get("WORLD_SIZE", 1))
 
     try:
-        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS)
+        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS, skip=("variant",))
     except USER_ERRORS as err:
         _fail(err)
+    if variant:
+        return _fit_many(cfg, variant)
     try:
         with _progress_bar(disable=not main) as bar:
             task = bar.add_task("fit", total=None, rate="")
@@ -308,6 +317,118 @@ def fit_decoder(
                   f"{result.epochs_run}  best {best.get('metric')} "
                   f"{'-' if value is None else format(value, '.4f')} at epoch {best.get('epoch')}  "
                   f"({result.seconds:.1f} s)")
+
+
+def _fit_many(base, variants: list[str]) -> None:
+    """``fit-decoder --variant ...``: the decoders of one pass, a progress bar with the pass's rate, a table."""
+    from cellembed.cache import CacheError
+    from cellembed.train import fit_many, variant_configs
+
+    try:
+        configs = variant_configs(base, variants)
+        with _progress_bar() as bar:
+            task = bar.add_task(f"fit x{len(configs)}", total=None, rate="")
+            state = {"t0": time.perf_counter(), "n": 0, "epoch": ""}
+
+            def on_step(size):
+                state["n"] += size
+                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
+                bar.update(task, advance=1, rate=f"{rate:6.1f} tiles/s x {len(configs)} decoders  {state['epoch']}")
+
+            def on_epoch(index, epoch, total, metrics):
+                pq = metrics.get("val_pq")
+                state["epoch"] = f"epoch {epoch}/{total}" + ("" if pq is None else f"  {Path(configs[index].out).name} "
+                                                             f"val_pq {pq:.4f}")
+
+            results = fit_many(configs, on_epoch=on_epoch, on_step=on_step)
+    except (CacheError, FloatingPointError, *USER_ERRORS) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished epochs of every run are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+    table = Table(title=f"{len(results)} decoders, one pass per epoch ({results[0].seconds:.1f} s)")
+    for col in ("run", "levels", "parameters", "epochs run now", "best", "value", "at epoch"):
+        table.add_column(col, justify="left" if col in ("run", "levels", "best") else "right")
+    for c, r in zip(configs, results):
+        best = r.best or {}
+        value = best.get("value")
+        table.add_row(str(r.run_dir), c.levels or "all", f"{r.n_params:,}", str(r.epochs_run), str(best.get("metric")),
+                      "-" if value is None else f"{value:.4f}", str(best.get("epoch")))
+    _stdout().print(table)
+
+
+@app.command("search-blocks")
+def search_blocks(
+    ctx: typer.Context,
+    cache: str = typer.Argument(..., help="Training cache holding the levels to combine (e.g. `extract --blocks "
+                                "all`)."),
+    val_cache: str = typer.Option(..., help="Validation cache of the same encoder: candidates are ranked by its "
+                                  "score."),
+    out: Path = typer.Option(..., help="Search folder: runs/<levels>/ (one normal run per candidate), search.json, "
+                             "search.md, search.png."),
+    strategy: str = typer.Option("greedy", help="greedy (forward selection: best single level, then add the level "
+                                 "that helps most, until none helps) | halving (successive halving over the subsets "
+                                 "of 1..--max-levels levels, trained in one pass)"),
+    budget: int | None = typer.Option(None, min=1, help="The most decoders trained (greedy: stop before a round that "
+                                      "would exceed it; halving: a seeded sample of this many subsets). Default: no "
+                                      "limit / every subset."),
+    max_levels: int = typer.Option(4, min=1, help="The largest combination tried."),
+    min_gain: float = typer.Option(0.0, help="greedy: how much an added level must raise the score to be kept."),
+    levels: str | None = typer.Option(None, help="The levels to combine, e.g. block_2,block_5,block_8 (default: "
+                                      "every cached level)."),
+    config: Path | None = typer.Option(None, help="YAML file with any FitConfig field for every candidate (decoder, "
+                                          "loss, augment, ...); options given here win."),
+    epochs: int = typer.Option(20, min=1, help="Epochs per candidate (halving: of the candidates that survive)."),
+    batch_size: int = typer.Option(4, min=1),
+    lr: float = typer.Option(3e-3, help="OneCycle peak learning rate of every candidate."),
+    decoder: str = typer.Option("unetr", help="unetr | light"),
+    best_metric: str = typer.Option("pq", help="The validation value that scores a candidate: pq | mpq_plus | aji | "
+                                    "loss ... (lower is better for losses)."),
+    tune: bool = typer.Option(True, "--tune/--no-tune", help="Tune the best run's minimum area on --val-cache."),
+    seed: int = typer.Option(0, help="Seeds every candidate's weights and the shared batch order."),
+    memory: str = typer.Option("auto", help="stream | ram | gpu | auto"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    workers: int = typer.Option(2, min=0, help="Loader worker processes."),
+    overwrite: bool = typer.Option(False, help="Replace runs in --out/runs trained with other settings."),
+):
+    """Rank combinations of cached levels (blocks) by validation score, many decoders per pass over the cache."""
+    from cellembed.cache import CacheError
+    from cellembed.train import FitConfig
+    from cellembed.train import search_blocks as run_search
+
+    try:
+        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS, skip=("strategy", "budget", "max_levels", "min_gain"))
+    except USER_ERRORS as err:
+        _fail(err)
+    try:
+        with _progress_bar() as bar:
+            state = {"task": None, "n": 0, "t0": 0.0, "k": 0}
+
+            def on_round(round_, combos):
+                state.update(task=bar.add_task(f"round {round_}: {len(combos)} decoders", total=None, rate=""),
+                             n=0, t0=time.perf_counter(), k=len(combos))
+
+            def on_step(size):
+                state["n"] += size
+                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
+                bar.update(state["task"], advance=1, rate=f"{rate:6.1f} tiles/s x {state['k']} decoders")
+
+            result = run_search(cfg, strategy=strategy, budget=budget, max_levels=max_levels, min_gain=min_gain,
+                                on_round=on_round, on_step=on_step)
+    except (CacheError, FloatingPointError, *USER_ERRORS) as err:
+        _fail(err)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted:[/] finished epochs are kept; rerun the same command to resume")
+        raise typer.Exit(130)
+    table = Table(title=f"search-blocks ({strategy}) by {best_metric}: {result.stopped}")
+    for col in ("rank", "levels", "round", best_metric, "epochs", "parameters"):
+        table.add_column(col, justify="left" if col == "levels" else "right")
+    for r in result.table:
+        table.add_row(str(r["rank"]), "+".join(r["levels"]), str(r["round"]), f"{r['score']:.4f}", str(r["epochs"]),
+                      f"{r['parameters']:,}")
+    _stdout().print(table)
+    console.print(f"[green]best[/] {'+'.join(result.best['levels'])}  run {result.best['run']}  "
+                  f"({result.seconds:.1f} s); wrote {result.out}/search.json, search.md, search.png")
 
 
 @app.command()

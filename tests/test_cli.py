@@ -15,7 +15,7 @@ from cellembed.cache import open_cache, read_manifest
 from cellembed.cli import app
 
 runner = CliRunner()
-COMMANDS = ["extract", "info", "verify", "encoders", "synth", "demo", "score", "fit-decoder", "tune"]
+COMMANDS = ["extract", "info", "verify", "encoders", "synth", "demo", "score", "fit-decoder", "tune", "search-blocks"]
 REALDATA = Path(os.environ.get("CELLEMBED_REALDATA", Path(__file__).resolve().parents[2] / "shared" / "realdata"))
 
 

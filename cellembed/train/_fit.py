@@ -46,6 +46,9 @@ class FitConfig:
     ``cache`` is the training cache for ``source="cache"``; with ``source="live"`` the encoder runs in the
     loop on ``dataset``/``root`` (``encoder``, ``blocks``, ``weights``, ``input_policy``, ``dtype`` as for
     ``cellembed extract``) with image-space augmentation (``augment="full"``).
+
+    ``seed`` seeds the decoder's initial weights and, unless ``data_seed`` is set, the batch order and
+    augmentation draws; ``data_seed`` seeds those alone (``fit_many`` trains seed variants on one data order).
     """
 
     out: str
@@ -78,6 +81,7 @@ class FitConfig:
     levels: str | None = None
     best_metric: str = "pq"
     seed: int = 0
+    data_seed: int | None = None
     device: str = "auto"
     num_workers: int = 2
     shuffle_buffer: int | str = "auto"
@@ -143,20 +147,10 @@ def fit_decoder(config: FitConfig, on_epoch: EpochCallback | None = None,
 
 
 def _fit(config: FitConfig, ranks: ddp.Ranks, device: torch.device, on_epoch, on_step, t0: float) -> FitResult:
-    from cellembed.decoders import build_decoder
-
     train, source = _train_source(config, device, ranks)
-    # nucleus heads predict classes 1..C beside background; the semantic head predicts every class name
-    num_classes = len(source["class_names"]) - (0 if config.head == "semantic" else 1)
-    torch.manual_seed(config.seed)
-    model = build_decoder(config.decoder, source["levels"], source["tile_size"], config.head, num_classes,
-                          image_skip=_image_skip(config), **_decoder_options(config)).to(device)
-    if device.type == "cuda":  # cuDNN's NHWC kernels under bf16 autocast; same weights and outputs
-        model = model.to(memory_format=torch.channels_last)
+    model, n_params, post = _build_model(config, source, device)
+    num_classes = model.num_classes
     net = ddp.wrap(model, device)  # what trains; ``model`` (no ``module.`` prefix) is saved and validated
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    post = (Postprocess(config.head, config.postprocess) if config.postprocess
-            else default_postprocess(config.head, {"identity": source["identity"]}, config.magnification))
     val = _val_loader(config, source, device, train, ranks)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     scheduler = _one_cycle(optimizer, config, len(train))
@@ -184,11 +178,41 @@ def _fit(config: FitConfig, ranks: ddp.Ranks, device: torch.device, on_epoch, on
             on_epoch(epoch + 1, config.epochs, metrics)
     ddp.barrier()  # every rank is past its last collective before any leaves the group
     if ranks.main:  # the others are done: they need not wait for the plot and the tuning
-        if history:
-            _plot_curves(run_dir, history)
-        if config.tune and config.val_cache and best is not None and config.head in INSTANCE_HEADS:
-            _tune_min_area(config, run_dir, post)
+        _finish_run(config, run_dir, history, best, post)
     return FitResult(run_dir, len(history) - start, best, history, n_params, time.perf_counter() - t0)
+
+
+def _build_model(config: FitConfig, source: dict, device: torch.device):
+    """The decoder seeded with ``config.seed`` (so any two runs of one config start from the same weights), its
+    trainable parameter count and its post-processing."""
+    from cellembed.decoders import build_decoder
+
+    # nucleus heads predict classes 1..C beside background; the semantic head predicts every class name
+    num_classes = len(source["class_names"]) - (0 if config.head == "semantic" else 1)
+    torch.manual_seed(config.seed)
+    model = build_decoder(config.decoder, source["levels"], source["tile_size"], config.head, num_classes,
+                          image_skip=_image_skip(config), **_decoder_options(config)).to(device)
+    if device.type == "cuda":  # cuDNN's NHWC kernels under bf16 autocast; same weights and outputs
+        model = model.to(memory_format=torch.channels_last)
+    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    post = (Postprocess(config.head, config.postprocess) if config.postprocess
+            else default_postprocess(config.head, {"identity": source["identity"]}, config.magnification))
+    return model, n_params, post
+
+
+def _end_epoch(config: FitConfig, run_dir: Path, model, optimizer, scheduler, metrics: dict, history: list[dict],
+               best: dict | None) -> dict | None:
+    """Record a finished epoch of a one-process run: history, then ``_commit_epoch``'s writes."""
+    history.append(metrics)
+    return _commit_epoch(run_dir, model, optimizer, scheduler, config.best_metric, history, best)
+
+
+def _finish_run(config: FitConfig, run_dir: Path, history: list[dict], best: dict | None, post: Postprocess) -> None:
+    """After the last epoch: the curves, and the minimum area tuned on the validation cache."""
+    if history:
+        _plot_curves(run_dir, history)
+    if config.tune and config.val_cache and best is not None and config.head in INSTANCE_HEADS:
+        _tune_min_area(config, run_dir, post)
 
 
 def _check_ranks(c: FitConfig, ranks: ddp.Ranks) -> None:
@@ -302,21 +326,26 @@ def _train_source(c: FitConfig, device: torch.device, ranks: ddp.Ranks = ddp.Ran
             c.dataset, c.root, c.encoder, split=c.split, folds=c.folds, blocks=c.blocks, weights=c.weights,
             input_policy=c.input_policy, dtype=c.dtype, dataset_options=dict(c.dataset_options),
             batch_size=c.batch_size, augment=_augment(c), head=c.head,
-            magnification=c.magnification, shuffle=True, seed=c.seed, num_workers=c.num_workers, device=device,
-            levels=_level_names(c.levels))
+            magnification=c.magnification, shuffle=True, seed=data_seed(c), num_workers=c.num_workers,
+            device=device, levels=_level_names(c.levels))
         return loader, {"kind": "live", "levels": loader.levels, "tile_size": loader.tile_size, "cache_key": None,
                         "class_names": list(loader.class_names), "identity": loader.identity}
     from cellembed.cache import make_loader, open_cache
 
     cache = open_cache(c.cache)
     loader = make_loader(cache, batch_size=c.batch_size // ranks.world_size, memory=c.memory, augment=_augment(c),
-                         head=c.head, magnification=c.magnification, shuffle=True, seed=c.seed,
+                         head=c.head, magnification=c.magnification, shuffle=True, seed=data_seed(c),
                          num_workers=c.num_workers, device=device, rank=ranks.rank, world_size=ranks.world_size,
                          levels=_level_names(c.levels), shuffle_buffer=c.shuffle_buffer, **_oversample(c))
     levels = [lv for lv in cache.manifest["levels"] if lv["name"] in loader.level_names]
     return loader, {"kind": "cache", "levels": levels, "tile_size": cache.manifest["tile_size"],
                     "cache_key": cache.cache_key, "class_names": cache.manifest["class_names"],
                     "identity": cache.manifest["identity"]}
+
+
+def data_seed(c: FitConfig) -> int:
+    """The seed of the batch order and augmentation draws: ``data_seed``, or ``seed`` when that is unset."""
+    return c.seed if c.data_seed is None else c.data_seed
 
 
 def _augment(c: FitConfig) -> str:
@@ -344,14 +373,14 @@ def _val_loader(c: FitConfig, source: dict, device: torch.device, train, ranks: 
             c.dataset, c.root, train.encoder, split="val", folds=c.folds, blocks=c.blocks, weights=c.weights,
             input_policy=c.input_policy, dtype=c.dtype, dataset_options=dict(c.dataset_options),
             batch_size=c.batch_size, augment="none", head=c.head, magnification=c.magnification, shuffle=False,
-            seed=c.seed, num_workers=c.num_workers, device=device, levels=[lv["name"] for lv in source["levels"]])
+            seed=data_seed(c), num_workers=c.num_workers, device=device, levels=[lv["name"] for lv in source["levels"]])
     from cellembed.cache import make_loader, open_cache
 
     with ddp.same_on_every_rank(ranks):
         cache = open_cache(c.val_cache)
         check_run_cache(cache, source, "validation cache")
     return make_loader(cache, batch_size=max(1, c.batch_size // ranks.world_size), memory=c.memory, augment="none",
-                       head=c.head, magnification=c.magnification, shuffle=False, seed=c.seed,
+                       head=c.head, magnification=c.magnification, shuffle=False, seed=data_seed(c),
                        num_workers=c.num_workers, device=device, rank=ranks.rank, world_size=ranks.world_size,
                        levels=[lv["name"] for lv in source["levels"]], same_steps=False)
 
@@ -406,7 +435,8 @@ def _record(config: FitConfig, source: dict, n_params: int, post: Postprocess, n
             "postprocess": post.to_dict(), "world_size": source.get("world_size", 1)}
 
 
-LEGACY_CONFIG = {"full_channels": None, "type_branch": False, "level_depth": 1, "split_trunks": False}
+LEGACY_CONFIG = {"full_channels": None, "type_branch": False, "level_depth": 1, "split_trunks": False,
+                 "data_seed": None}
 """Fit options that runs recorded before each option existed used (their config.json lacks the key), so a run
 interrupted before the upgrade resumes when the option is given its old value, e.g. ``--no-type-branch``."""
 
@@ -476,21 +506,30 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, on_step,
     model.train()
     total, n, lr = 0.0, 0, None
     for batch in loader:
-        loss, _ = _step(model, batch, loss_fn, device, image_skip)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"training loss became {float(loss)} at sample {n}; lower --lr, or check "
-                                     "the cache with `cellembed verify` (NaN/Inf features)")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
+        loss, lr = _train_step(model, batch, optimizer, scheduler, loss_fn, device, n, image_skip)
         size = len(batch.image)
-        total, n = total + loss.item() * size, n + size
+        total, n = total + loss * size, n + size
         if on_step:
             on_step(size)
     total, n = ddp.sum_all(total, n)
     return {"train_loss": total / max(n, 1), "lr": lr}
+
+
+def _train_step(model, batch, optimizer, scheduler, loss_fn, device, seen: int,
+                image_skip: bool | None = None) -> tuple[float, float]:
+    """One optimizer and scheduler step on ``batch``; returns (loss, learning rate of the step).
+
+    ``image_skip``: the decoder's flag when ``model`` is its DDP wrapper (``_step``)."""
+    loss, _ = _step(model, batch, loss_fn, device, image_skip)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"training loss became {float(loss)} at sample {seen}; lower --lr, or check "
+                                 "the cache with `cellembed verify` (NaN/Inf features)")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    lr = optimizer.param_groups[0]["lr"]
+    scheduler.step()
+    return loss.item(), lr
 
 
 def _keep_best(run_dir: Path, model, metric: str, metrics: dict, best: dict | None) -> dict | None:
@@ -498,9 +537,7 @@ def _keep_best(run_dir: Path, model, metric: str, metrics: dict, best: dict | No
 
     ``metric`` may be given with or without the ``val_`` prefix; without validation the training loss is used.
     """
-    name = next((k for k in (metric, f"val_{metric}") if k in metrics), None)
-    if name is None:
-        name = "val_loss" if "val_loss" in metrics else "train_loss"
+    name = metric_key(metric, metrics)
     value = metrics[name]
     value = float("-inf") if value is None else value
     lower = name.endswith("loss")
@@ -508,6 +545,15 @@ def _keep_best(run_dir: Path, model, metric: str, metrics: dict, best: dict | No
         best = {"metric": name, "value": value, "epoch": metrics["epoch"]}
         save_model(model, run_dir / "model.safetensors", {"best": best})
     return best
+
+
+def metric_key(metric: str, metrics: dict) -> str:
+    """The epoch record's key that ``metric`` names (``pq`` → ``val_pq``); the validation loss, else the training
+    loss, when it has none."""
+    name = next((k for k in (metric, f"val_{metric}") if k in metrics), None)
+    if name is None:
+        name = "val_loss" if "val_loss" in metrics else "train_loss"
+    return name
 
 
 def _plot_curves(run_dir: Path, history: list[dict]) -> None:
