@@ -121,8 +121,12 @@ def extract(
     dtype: str = typer.Option("fp16", help="Storage dtype: fp16 | bf16 | fp32"),
     codec: str = typer.Option("none", help="Per-level storage: none (every level in --dtype) | int8 | int4 (every "
                               "level quantized with a per-tile, per-channel absmax scale: about 1/2 and 1/4 of the "
-                              "fp16 feature bytes) | level=codec pairs, e.g. block_1=int8,block_6=fp16 (codecs "
-                              "fp16 | bf16 | fp32 | int8 | int4). Read back transparently (dequantized to --dtype)."),
+                              "fp16 feature bytes) | pcaK (K principal-component coefficients per position in "
+                              "--dtype, 1 <= K <= channels; basis fitted on --pca-tiles tiles first and kept in "
+                              "pca.safetensors) | level=codec pairs, e.g. block_1=int8,block_6=pca64 (codecs "
+                              "fp16 | bf16 | fp32 | int8 | int4 | pcaK). Read back transparently (dequantized or "
+                              "reconstructed to all channels in --dtype)."),
+    pca_tiles: int = typer.Option(256, min=1, help="pcaK codecs: fit the basis on the first N tiles of the cache."),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),
@@ -449,6 +453,8 @@ def info(cache: str = typer.Argument(..., help="Cache directory, or a remote loc
         ("blocks", enc.get("blocks")), ("input", f"{enc.get('input_policy')} {enc.get('input_hw')}"),
         ("dtype / compute", f"{ident['dtype']} / {ident['compute']}"),
         ("codec", ", ".join(f"{k}={v}" for k, v in ident["codec"].items()) if "codec" in ident else "none"),
+        *([("pca basis", f"{ident['pca']['file']} (sha256 {ident['pca']['sha256'][:12]}…, fitted on "
+                         f"{ident['pca']['fit_tiles']} tiles)")] if "pca" in ident else []),
         ("dataset", json.dumps(ident["dataset"])),
         ("split", f"{ident['split']['split']} ({ident['split']['scheme']})"),
         ("tiles", f"{manifest['n_samples']} of {manifest['n_tiles']}, {manifest['tile_size']} px"),
@@ -457,13 +463,15 @@ def info(cache: str = typer.Argument(..., help="Cache directory, or a remote loc
     ]:
         summary.add_row(name, str(value))
     levels = Table(title="levels")
-    for col in ("name", "block", "channels", "grid", "stride", "mean of channel means", "mean of channel stds"):
+    for col in ("name", "block", "channels", "grid", "stride", "mean of channel means", "mean of channel stds",
+                "pca (K, explained var.)"):
         levels.add_column(col)
     for lv in manifest["levels"]:
         mean = sum(lv.get("mean", [0])) / max(len(lv.get("mean", [0])), 1)
         std = sum(lv.get("std", [0])) / max(len(lv.get("std", [0])), 1)
         levels.add_row(lv["name"], str(lv["block"]), str(lv["channels"]), "x".join(map(str, lv["grid"])),
-                       f"{lv['stride']:.2f}", f"{mean:.4f}", f"{std:.4f}")
+                       f"{lv['stride']:.2f}", f"{mean:.4f}", f"{std:.4f}",
+                       f"{lv['pca']['k']}, {lv['pca']['explained_variance']:.4f}" if "pca" in lv else "-")
     out = _stdout()
     out.print(summary)
     out.print(levels)

@@ -439,3 +439,111 @@ def test_codec_per_level_and_bad_specs(reference, tmp_path):
     sample = next(iter(cache))
     assert sample.feats[0].dtype == torch.float16 and sample.feats[-1].dtype == torch.float32
     assert cache.manifest["identity"]["codec"][levels[0]] == "int8"
+
+
+# ---- pca<K> codec ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pca_cache(tmp_path_factory, reference):
+    """A cache whose first level is stored as pca<C> (every component), its second as pca8 and the rest as fp16."""
+    names = open_cache(reference[0]).level_names
+    out = tmp_path_factory.mktemp("pca") / "cache"
+    extract(config(out, codec=f"{names[0]}=pca64,{names[1]}=pca8"))
+    return out
+
+
+def eigenvalues(out, name: str) -> torch.Tensor:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "pca.safetensors"))[f"{name}.eigenvalues"]
+
+
+def test_pca_levels_reconstruct_the_features_and_lose_the_discarded_variance(reference, pca_cache):
+    """K = C reconstructs the fp16 features to fp16 precision; K < C loses, per position, the sum of the discarded
+    eigenvalues of the channel covariance (the fit saw every tile here, so the two agree up to rounding)."""
+    ref, pca = open_cache(reference[0]), open_cache(pca_cache)
+    names, channels = pca.level_names, [lv["channels"] for lv in pca.manifest["levels"]]
+    assert channels[0] == 64 and pca.cache_key != ref.cache_key and "pca" not in ref.manifest["identity"]
+    assert pca.manifest["identity"]["pca"]["fit_tiles"] == N_TILES
+    assert pca.manifest["identity"]["codec"] == {names[0]: "pca64", names[1]: "pca8", names[2]: "fp16"}
+    squared, positions = 0.0, 0
+    for a, b in zip(ref, pca):
+        x, y = [f.float() for f in a.feats], [f.float() for f in b.feats]
+        assert [f.shape for f in b.feats] == [f.shape for f in a.feats] and b.feats[0].dtype == torch.float16
+        assert (y[0] - x[0]).abs().max() <= 4e-3 * x[0].abs().max()
+        assert torch.equal(y[2], x[2])
+        squared += float(((y[1] - x[1]) ** 2).sum())
+        positions += x[1].shape[1] * x[1].shape[2]
+    values = eigenvalues(pca_cache, names[1])
+    assert values[8:].sum() > 0.01 * values.sum()  # the test is not trivial: something is discarded
+    np.testing.assert_allclose(squared / positions, float(values[8:].sum()), rtol=1e-3)
+    levels = pca.manifest["levels"]
+    assert levels[0]["pca"] == {"k": 64, "explained_variance": pytest.approx(1.0)} and "pca" not in levels[2]
+    assert levels[1]["pca"]["explained_variance"] == pytest.approx(float(values[:8].sum() / values.sum()), abs=1e-6)
+
+
+def test_pca_shards_hold_coefficients_and_every_reader_serves_channels(pca_cache):
+    import tarfile
+
+    from cellembed.cache import make_loader
+    from cellembed.cache._codec import load_tensors
+
+    cache = open_cache(pca_cache)
+    names = cache.level_names
+    with tarfile.open(next(pca_cache.glob("shard-*.tar"))) as tar:
+        member = next(m for m in tar if m.name.endswith("feats.safetensors"))
+        stored = load_tensors(tar.extractfile(member).read())
+    assert stored[names[0]].shape[0] == 64 and stored[names[1]].shape[0] == 8 and stored[names[1]].dtype == torch.float16
+    batch = next(iter(make_loader(cache, batch_size=4, memory="stream", num_workers=0, shuffle=False)))
+    assert [f.shape[1] for f in batch.feats] == [lv["channels"] for lv in cache.manifest["levels"]]
+    remote = open_cache(f"pipe:cat {pca_cache}/{{}}")  # the basis is read from the same location as the manifest
+    a, b = next(iter(cache)), next(iter(remote))
+    assert all(torch.equal(x, y) for x, y in zip(a.feats, b.feats))
+
+
+def test_pca_resume_reuses_the_basis_and_refuses_a_tampered_one(pca_cache, tmp_path, monkeypatch):
+    import cellembed.cache._extract as _extract
+
+    out = tmp_path / "c"
+    names = open_cache(pca_cache).level_names
+    cfg = config(out, codec=f"{names[0]}=pca64,{names[1]}=pca8")
+    first = extract(cfg)
+    assert first.cache_key == open_cache(pca_cache).cache_key  # the fit is deterministic
+    (out / "shard-00-000001.tar").unlink()
+    monkeypatch.setattr(_extract, "fit_bases", lambda *a: pytest.fail("a resume must not refit the basis"))
+    resumed = extract(cfg)
+    assert resumed.n_skipped == 6 and resumed.n_written == 4 and resumed.manifest == first.manifest
+    basis = out / "pca.safetensors"
+    good = basis.read_bytes()
+    basis.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(CacheError, match=r"pca\.safetensors: sha256 .* differs .*re-extract with --overwrite"):
+        extract(cfg)
+    with pytest.raises(CacheError, match=r"pca\.safetensors: sha256 .* differs .*manifest\.json"):
+        open_cache(out)
+    basis.unlink()
+    with pytest.raises(CacheError, match=r"pca\.safetensors: missing.*--overwrite"):
+        extract(cfg)
+    monkeypatch.undo()
+    fixed = extract(config(out, codec=cfg.codec, overwrite=True))  # refits the same basis: the shards are kept
+    assert fixed.n_skipped == N_TILES and basis.read_bytes() == good
+
+
+def test_pca_two_ranks_without_process_group_match_single_process(pca_cache, tmp_path):
+    codec = open_cache(pca_cache).manifest["identity"]["codec"]
+    spec = ",".join(f"{k}={v}" for k, v in codec.items())
+    assert extract(config(tmp_path / "c", codec=spec, rank=1, world_size=2)).manifest is None
+    second = extract(config(tmp_path / "c", codec=spec, rank=0, world_size=2))
+    assert manifest_without_names(second.manifest) == manifest_without_names(read_manifest(pca_cache))
+
+
+def test_pca_bad_specs():
+    from cellembed.cache._codec import parse_codecs
+
+    names = ["block_1", "block_2"]
+    assert parse_codecs("block_2=pca16", names, "fp16", [32, 64]) == {"block_1": "fp16", "block_2": "pca16"}
+    for spec in ("pca0", "pca33", "block_1=pca9999"):
+        with pytest.raises(ValueError, match="choose pca1 to pca32"):
+            parse_codecs(spec, names, "fp16", [32, 64])
+    with pytest.raises(ValueError, match="unknown codec 'pcax'"):
+        parse_codecs("pcax", names, "fp16", [32, 64])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import struct
 import tarfile
 import zlib
@@ -90,16 +91,26 @@ CODECS = ("fp16", "bf16", "fp32", "int8", "int4")
 """Per-level storage: a float dtype, ``int8`` or ``int4`` (per-tile, per-channel absmax scale stored beside the level
 as ``<level>.scale`` in the cache's dtype; int4 packs two values per byte, low nibble first, over each channel's
 h·w values, with ``<level>.shape`` holding (C, h, w)). Quantized levels are dequantized to the scale's dtype when
-read."""
+read. Besides these, ``pca<K>`` (1 ≤ K ≤ C) stores K principal-component coefficients per position in the cache's
+dtype, reconstructed to C channels with the cache's basis when read (``cellembed.cache._pca``)."""
 QUANT_LEVELS = {"int8": 127, "int4": 7}
+_PCA = re.compile(r"^pca(\d+)$")
 
 
-def parse_codecs(spec: str | None, level_names: list[str], dtype: str) -> dict[str, str]:
+def pca_k(codec: str) -> int | None:
+    """K of a ``pca<K>`` codec ("pca32" → 32), None for the other codecs."""
+    match = _PCA.match(codec)
+    return int(match.group(1)) if match else None
+
+
+def parse_codecs(spec: str | None, level_names: list[str], dtype: str,
+                 channels: list[int] | None = None) -> dict[str, str]:
     """``--codec`` → {level: codec} for every level. ``spec``: None / "none" (every level in ``dtype``), one codec
-    for every level ("int8"), or ``level=codec`` pairs ("block_2=int8,block_5=fp16"; other levels in ``dtype``).
+    for every level ("int8", "pca32"), or ``level=codec`` pairs ("block_2=int8,block_5=pca64"; other levels in
+    ``dtype``). ``channels`` (per level, same order) bounds the K of ``pca<K>`` codecs when given.
 
     Raises:
-        ValueError: an unknown codec or level, naming the valid ones.
+        ValueError: an unknown codec or level, naming the valid ones; a ``pca<K>`` with K outside 1..C.
     """
     out = dict.fromkeys(level_names, dtype)
     if spec is None or spec.strip() in ("", "none"):
@@ -113,8 +124,14 @@ def parse_codecs(spec: str | None, level_names: list[str], dtype: str) -> dict[s
             raise ValueError(f"--codec {spec!r}: give one codec for every level, or level=codec pairs")
         if name not in out:
             raise ValueError(f"--codec: unknown level {name!r}; the encoder's levels are {', '.join(level_names)}")
-        if codec not in CODECS:
-            raise ValueError(f"--codec: unknown codec {codec!r} for {name}; choose one of {', '.join(CODECS)}")
+        k = pca_k(codec)
+        if codec not in CODECS and k is None:
+            raise ValueError(f"--codec: unknown codec {codec!r} for {name}; choose one of {', '.join(CODECS)} "
+                             "or pca<K> (e.g. pca32)")
+        c = channels[level_names.index(name)] if channels is not None else None
+        if k is not None and not (1 <= k and (c is None or k <= c)):
+            raise ValueError(f"--codec: {codec} for {name} keeps {k} principal components, but {name} has {c} "
+                             f"channels; choose pca1 to pca{c}")
         out[name] = codec
     return out
 
@@ -145,10 +162,14 @@ def quantize(x: torch.Tensor, codec: str, scale_dtype: torch.dtype) -> dict[str,
     return {"": packed.contiguous(), ".scale": scale.contiguous(), ".shape": shape.contiguous()}
 
 
-def level_values(feats: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """A stored level as floats: int8 / int4 levels dequantized with their ``<name>.scale`` (in the scale's dtype).
-    Works on one tile's tensors ((C, h, w) values, (C,) scale) and on a batch's (leading N)."""
+def level_values(feats: dict[str, torch.Tensor], name: str, bases: dict | None = None) -> torch.Tensor:
+    """A stored level as floats: int8 / int4 levels dequantized with their ``<name>.scale`` (in the scale's dtype),
+    ``pca<K>`` levels ((K, h, w) coefficients) reconstructed to (C, h, w) in the coefficients' dtype with
+    ``bases[name]`` (a :class:`cellembed.cache._pca.Basis`). Works on one tile's tensors ((C, h, w) values, (C,)
+    scale) and on a batch's (leading N)."""
     t = feats[name]
+    if bases is not None and name in bases:
+        return bases[name].reconstruct(t)
     scale = feats.get(f"{name}.scale")
     if scale is None:
         return t
@@ -215,8 +236,10 @@ def load_tensors(data: bytes, names: list[str] | None = None) -> dict[str, torch
     return out
 
 
-def decode_sample(parts: dict[str, bytes], level_names: list[str], source: str = "") -> Sample:
-    """Decode the members of one sample (member suffix → bytes) into a :class:`Sample`.
+def decode_sample(parts: dict[str, bytes], level_names: list[str], source: str = "", bases: dict | None = None) \
+        -> Sample:
+    """Decode the members of one sample (member suffix → bytes) into a :class:`Sample` (``pca<K>`` levels
+    reconstructed with ``bases``, see :func:`level_values`).
 
     Raises:
         ValueError: a member is missing or undecodable; the message names ``source`` (the shard).
@@ -229,7 +252,7 @@ def decode_sample(parts: dict[str, bytes], level_names: list[str], source: str =
     feats = load_tensors(parts[FEATS], wanted)  # only the levels asked for (a cache may hold many more)
     gt = st_load(parts[GT])
     try:
-        levels = [level_values(feats, n) for n in level_names]
+        levels = [level_values(feats, n, bases) for n in level_names]
     except KeyError as err:
         raise ValueError(f"{source}: sample {meta['key']!r} lacks level {err}; cache does not match its manifest") from None
     has_prefix = bool(level_names) and prefix_name(level_names[0]) in feats

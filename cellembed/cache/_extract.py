@@ -14,10 +14,13 @@ from typing import Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-from cellembed.cache._codec import QUANT_LEVELS, encode_gt, encode_image, parse_codecs, prefix_name, quantize
-from cellembed.cache._layout import existing_shard, has_cache, plan_repair, prepare_out, remove_stale, shard_done
+from cellembed.cache._codec import QUANT_LEVELS, encode_gt, encode_image, parse_codecs, pca_k, prefix_name, quantize
+from cellembed.cache._layout import (check_out, existing_header, existing_shard, has_cache, plan_repair, prepare_out,
+                                     remove_stale, shard_done)
 from cellembed.cache._manifest import (FORMAT_VERSION, MANIFEST, CacheError, build_manifest, cache_key, read_json,
                                        shard_name, sidecar_path, write_json_atomic)
+from cellembed.cache._pca import (PCA_FILE, Basis, explained_variance, fit_bases, load_bases, recorded_basis, sha256,
+                                  write_basis)
 from cellembed.cache._writer import BackgroundWriter, PendingBatch, unpack_batch
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ class ExtractConfig:
     world_size: int | None = None
     dataset_options: dict = field(default_factory=dict)
     augment_views: int = 0
+    pca_tiles: int = 256
 
 
 class ExtractResult(NamedTuple):
@@ -118,21 +122,23 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
     if config.augment_views:
         source, indices, shard_size = _with_views(source, selection, config)
     keys = [source.keys[i] for i in indices]
-    codecs = parse_codecs(config.codec, [lv.name for lv in encoder.levels], config.dtype)
+    codecs = parse_codecs(config.codec, [lv.name for lv in encoder.levels], config.dtype,
+                          [lv.channels for lv in encoder.levels])
     header = _header(config, header_source, selection, encoder, keys, tile_size, device, shard_size, codecs)
     out = Path(config.out)
     if config.repair and not has_cache(out):
         raise CacheError(f"{out}: no cache to repair (no manifest.json); run extract without --repair")
     old = read_json(out / MANIFEST, MANIFEST) if config.repair and (out / MANIFEST).is_file() else None
-    prepare_out(out, header, config.overwrite, rank)
+    fit = lambda: _fit_feats(encoder, source, indices, tile_size, config, device)  # noqa: E731
+    header, bases = _prepare(out, header, codecs, config, rank, fit)
     plan = _plan(len(keys), shard_size)
     mine = [s for s in plan if s[0] % world == rank]
-    todo, names = _pending_shards(out, header, mine, config.repair)
+    todo, names = _pending_shards(out, header, mine, config.repair, bases)
     n_skipped = sum(s[2] - s[1] for s in mine if s not in todo)
     plan_out = [(names.get(i, shard_name(rank, i)), i, stop - start) for i, start, stop in todo]
     t_loop = time.perf_counter()
     n_written = _run(encoder, source, indices, todo, plan_out, header, out, config, device, progress,
-                     n_skipped, sum(s[2] - s[1] for s in mine))
+                     n_skipped, sum(s[2] - s[1] for s in mine), bases)
     t_done = time.perf_counter()
     manifest = _finalize(out, header, len(plan), rank, world, names)
     rewritten = tuple(name for name, _, _ in plan_out)
@@ -141,10 +147,11 @@ def extract(config: ExtractConfig, progress: Progress | None = None) -> ExtractR
                          t_done - t_loop, manifest, rewritten, changed)
 
 
-def _pending_shards(out: Path, header: dict, mine: list, repair: bool) -> tuple[list, dict[int, str]]:
+def _pending_shards(out: Path, header: dict, mine: list, repair: bool, bases: dict | None) \
+        -> tuple[list, dict[int, str]]:
     """The shards of ``mine`` to (re-)extract, leftovers of them removed, and known shard names (repair)."""
     if repair:
-        todo, names = plan_repair(out, header["cache_key"], mine, [lv["name"] for lv in header["levels"]])
+        todo, names = plan_repair(out, header["cache_key"], mine, [lv["name"] for lv in header["levels"]], bases)
     else:
         todo, names = [s for s in mine if not shard_done(out, s[0], header["cache_key"])], {}
     remove_stale(out, todo)
@@ -237,6 +244,10 @@ def _header(config, source, selection, encoder, keys, tile_size, device, shard_s
     }
     if any(c != config.dtype for c in codecs.values()):  # absent for plain caches: their keys stay as they were
         identity["codec"] = codecs
+    if any(pca_k(c) for c in codecs.values()):  # the basis file and its sha256 are added once it exists
+        if config.pca_tiles < 1:
+            raise ValueError(f"--pca-tiles must be at least 1, got {config.pca_tiles}")
+        identity["pca"] = {"fit_tiles": min(int(config.pca_tiles), len(keys))}
     if config.augment_views:
         identity["augment_views"] = {"copies": int(config.augment_views), "views": int(config.augment_views) + 1,
                                      "augment": "cisca-full", "seed": 0}
@@ -253,6 +264,78 @@ def _header(config, source, selection, encoder, keys, tile_size, device, shard_s
         "tile_size": tile_size,
         "n_tiles": len(keys),
     }
+
+
+def _prepare(out: Path, header: dict, codecs: dict, config: ExtractConfig, rank: int, fit) -> tuple[dict, dict | None]:
+    """:func:`prepare_out`, and for caches with ``pca<K>`` levels first the basis: the recorded one when ``out``
+    holds this extraction already (checked against its sha256), else fitted now (``fit()``: batches of features)
+    and written after the header. Under torch.distributed rank 0 fits and writes it and the other ranks read it
+    after a barrier; ranks started by hand (``--rank``) each fit the same deterministic basis unless one has
+    recorded it already (a rank whose fit differed, e.g. on other hardware, is refused by :func:`prepare_out`).
+    Returns the header (with the basis's sha256 in its identity and key) and the bases (None without PCA
+    levels)."""
+    ks = {n: pca_k(c) for n, c in codecs.items() if pca_k(c)}
+    if not ks:
+        prepare_out(out, header, config.overwrite, rank)
+        return header, None
+    dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if dist and rank != 0:
+        torch.distributed.barrier()  # rank 0 has written its header and the basis
+    data = _basis_bytes(out, header, config.overwrite, rank == 0 or not dist, lambda: fit_bases(fit(), ks))
+    header = _with_basis(header, data)
+    prepare_out(out, header, config.overwrite, rank)
+    if rank == 0 or not dist:
+        write_basis(out, data)
+    if dist and rank == 0:
+        torch.distributed.barrier()
+    return header, load_bases(data)
+
+
+def _basis_bytes(out: Path, header: dict, overwrite: bool, fits: bool, fit) -> bytes:
+    """The PCA basis of this extraction: the one recorded in ``out`` for the same identity (a resume; refitted with
+    ``overwrite`` where ``fits``), else ``fit()`` where this rank ``fits``, after refusing a directory it may not
+    write."""
+    found = existing_header(out)
+    if found is not None and _fit_identity(found[0].get("identity", {})) == header["identity"] \
+            and not (overwrite and fits):
+        return recorded_basis(out, found[0]["identity"]["pca"]["sha256"], str(found[1]))
+    if not fits:
+        raise CacheError(f"{out}: rank 0 wrote no header with a PCA basis for this extraction; rerun every rank "
+                         "with the same options")
+    check_out(out, header, overwrite)  # refuse before the fit, not after it
+    return fit()
+
+
+def _fit_identity(identity: dict) -> dict:
+    """A PCA cache's identity without its basis (what it was before the fit)."""
+    if "pca" not in identity:
+        return identity
+    return dict(identity, pca={k: v for k, v in identity["pca"].items() if k not in ("file", "sha256")})
+
+
+def _with_basis(header: dict, data: bytes) -> dict:
+    """The header with the basis file's name and sha256 in its identity (so in its key) and each PCA level's K and
+    explained variance fraction in its levels."""
+    identity = dict(header["identity"], pca=dict(header["identity"]["pca"], file=PCA_FILE, sha256=sha256(data)))
+    explained = explained_variance(data)
+    levels = [dict(lv, pca={"k": pca_k(identity["codec"][lv["name"]]), "explained_variance": explained[lv["name"]]})
+              if lv["name"] in explained else lv for lv in header["levels"]]
+    return dict(header, identity=identity, cache_key=cache_key(identity), levels=levels)
+
+
+def _fit_feats(encoder, source, indices: list[int], tile_size: int, config: ExtractConfig, device) -> Iterator[dict]:
+    """Features of the first ``config.pca_tiles`` tiles in cache order (level name → (N, C, h, w)), in batches of
+    ``config.batch_size``, from the same forward as the extraction."""
+    names = [lv.name for lv in encoder.levels]
+    n = min(config.pca_tiles, len(indices))
+    for start in range(0, n, config.batch_size):
+        tiles = [source[i] for i in indices[start:min(start + config.batch_size, n)]]
+        for tile in tiles:
+            _check_tile(tile, tile_size)
+        images = np.ascontiguousarray(np.stack([t.image for t in tiles]).transpose(0, 3, 1, 2))
+        with torch.inference_mode():
+            output = _forward(encoder, torch.from_numpy(images).to(device), config.dtype, device)
+        yield dict(zip(names, output.feats))
 
 
 def _keys_hash(keys: list[str]) -> str:
@@ -322,8 +405,10 @@ def _batches(todo, batch_size: int) -> list[list[int]]:
     return out
 
 
-def _run(encoder, source, indices, todo, plan, header, out, config, device, progress, n_skipped, n_mine) -> int:
-    """Encode the pending shards' tiles and hand them to the background writer. Returns tiles written."""
+def _run(encoder, source, indices, todo, plan, header, out, config, device, progress, n_skipped, n_mine,
+         bases: dict | None = None) -> int:
+    """Encode the pending shards' tiles (``pca<K>`` levels projected on ``bases``) and hand them to the background
+    writer. Returns tiles written."""
     if progress:
         progress(n_skipped, n_mine, 0)
     if not todo:
@@ -336,7 +421,8 @@ def _run(encoder, source, indices, todo, plan, header, out, config, device, prog
         worker_init_fn=_ignore_sigint,
         prefetch_factor=4 if config.num_workers > 0 else None)
     level_names = [lv["name"] for lv in header["levels"]]
-    writer = BackgroundWriter(out, plan, header["cache_key"], level_names, prepare=unpack_batch)
+    writer = BackgroundWriter(out, plan, header["cache_key"], level_names, bases, prepare=unpack_batch)
+    on_device = {n: Basis(b.mean.to(device), b.components.to(device)) for n, b in (bases or {}).items()}
     copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
     done = n_skipped
     batches = _read_ahead(loader) if config.num_workers == 0 else iter(loader)
@@ -344,7 +430,7 @@ def _run(encoder, source, indices, todo, plan, header, out, config, device, prog
         for batch in batches:
             index = [positions[p] for p in batch["pos"]]
             writer.put(_encode_batch(encoder, batch, index, level_names, config.dtype, device, copy_stream,
-                                     header["identity"].get("codec")))
+                                     header["identity"].get("codec"), on_device))
             done += len(batch["key"])
             if progress:
                 progress(done, n_mine, writer.bytes_written)
@@ -421,9 +507,10 @@ def _forward(encoder, images, dtype: str, device):
 
 @torch.inference_mode()
 def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str], dtype: str, device,
-                  copy_stream, codecs: dict | None = None) -> PendingBatch:
+                  copy_stream, codecs: dict | None = None, bases: dict | None = None) -> PendingBatch:
     """Run the encoder, cast to each level's storage (``codecs``, default ``dtype`` everywhere; int8 quantized
-    / int4 quantized here, on the device) and start the copy to the host.
+    / int4 quantized here, on the device; ``pca<K>`` levels projected on their ``bases`` and stored as K
+    coefficients in ``dtype``) and start the copy to the host.
 
     Nothing here waits for the device, so the next batch is launched while this one is being copied; the
     writer thread refuses non-finite features when it computes the channel statistics.
@@ -434,7 +521,9 @@ def _encode_batch(encoder, batch: dict, index: list[int], level_names: list[str]
     for n, f in zip(level_names, output.feats):
         codec = (codecs or {}).get(n, dtype)
         packed = quantize(f, codec, store) if codec in QUANT_LEVELS else None
-        if packed is not None:
+        if bases and n in bases:
+            feats[n] = bases[n].project(f).to(store, memory_format=torch.contiguous_format)
+        elif packed is not None:
             feats.update({n + suffix: t for suffix, t in packed.items()})
         else:  # a float codec, or a quantized one refused on non-finite values (the writer then names the level)
             feats[n] = f.to(DTYPES.get(codec, store), memory_format=torch.contiguous_format)

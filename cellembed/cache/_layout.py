@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from cellembed.cache._manifest import MANIFEST, PARTS, CacheError, read_json, sidecar_path, write_json_atomic
+from cellembed.cache._pca import PCA_FILE
 from cellembed.cache._verify import check_shard, file_sha256
 from cellembed.cache._writer import record_from_shard
 
@@ -29,25 +30,38 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
-    """Refuse a directory holding another cache (unless overwrite); remove a manifest temp file that a killed
-    run left (rank 0); record this cache's header."""
-    existing = None
+def existing_header(out: Path) -> tuple[dict, Path] | None:
+    """The manifest of ``out``, else the header of its unfinished extraction, with its path; None when neither."""
     for path in (out / MANIFEST, out / PARTS / HEADER):
         if path.is_file():
-            existing = read_json(path, path.name)
-            break
+            return read_json(path, path.name), path
+    return None
+
+
+def check_out(out: Path, header: dict, overwrite: bool) -> bool:
+    """Refuse a directory holding another cache (unless overwrite) or other files. Returns True when ``out`` holds
+    another cache that must be cleared (overwrite)."""
+    found = existing_header(out)
+    existing = found[0] if found else None
     if existing is not None and existing.get("cache_key") != header["cache_key"]:
         if not overwrite:
             diff = "; ".join(describe_difference(existing.get("identity", {}), header["identity"])[:4])
             raise CacheError(f"{out} holds a different cache ({diff}); pass --overwrite to replace it "
                              "or choose another --out")
-        clear_cache(out, rank)
-    elif out.exists() and not out.is_dir():
+        return True
+    if out.exists() and not out.is_dir():
         raise CacheError(f"{out} is a file, not a cache directory; choose another --out")
-    elif existing is None and out.exists() and any(out.iterdir()) and not (out / PARTS).exists():
+    if existing is None and out.exists() and any(out.iterdir()) and not (out / PARTS).exists():
         raise CacheError(f"{out} exists, is not empty and is not a cellembed cache; choose another --out "
                          "(--overwrite only replaces caches, never other files)")
+    return False
+
+
+def prepare_out(out: Path, header: dict, overwrite: bool, rank: int) -> None:
+    """Refuse a directory holding another cache (unless overwrite, which clears it: :func:`check_out`); remove a
+    manifest temp file that a killed run left (rank 0); record this cache's header."""
+    if check_out(out, header, overwrite):
+        clear_cache(out, rank)
     if rank == 0:  # only rank 0 writes the manifest: a temp file of it is a killed run's leftover
         for path in out.glob(f".{MANIFEST}.*.tmp"):
             path.unlink(missing_ok=True)
@@ -59,6 +73,7 @@ def clear_cache(out: Path, rank: int) -> None:
     """Remove the previous cache's files (rank 0 removes the manifest; every rank may remove shards)."""
     if rank == 0:
         (out / MANIFEST).unlink(missing_ok=True)
+        (out / PCA_FILE).unlink(missing_ok=True)
     for path in list(out.glob("shard-*.tar")) + list(out.glob(".shard-*.tmp")):
         path.unlink(missing_ok=True)
     if (out / PARTS).exists():
@@ -100,8 +115,8 @@ def remove_stale(out: Path, todo) -> None:
             path.unlink(missing_ok=True)
 
 
-def plan_repair(out: Path, key: str, mine: list[tuple[int, int, int]], level_names: list[str]) \
-        -> tuple[list[tuple[int, int, int]], dict[int, str]]:
+def plan_repair(out: Path, key: str, mine: list[tuple[int, int, int]], level_names: list[str],
+                bases: dict | None = None) -> tuple[list[tuple[int, int, int]], dict[int, str]]:
     """Which of ``mine`` (``[(shard index, start, stop)]``) a repair must re-extract, and every shard's file name.
 
     With a finished manifest, a shard is bad when it is missing, truncated or its sha256 differs from the
@@ -120,7 +135,7 @@ def plan_repair(out: Path, key: str, mine: list[tuple[int, int, int]], level_nam
             todo.append(shard)
         elif not _record_agrees(out, entry, key):
             write_json_atomic(sidecar_path(out, entry["name"]),
-                              record_from_shard(out / entry["name"], shard[0], key, level_names))
+                              record_from_shard(out / entry["name"], shard[0], key, level_names, bases))
     return todo, {i: s["name"] for i, s in listed.items()}
 
 

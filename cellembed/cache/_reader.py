@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import IO, Iterator
 
 from cellembed.cache._codec import Sample, decode_sample
-from cellembed.cache._location import close_stream, is_remote, local_path, member_url, open_url
-from cellembed.cache._manifest import CacheError, read_manifest
+from cellembed.cache._location import close_stream, is_remote, local_path, member_url, open_url, read_member
+from cellembed.cache._manifest import MANIFEST, CacheError, read_manifest
+from cellembed.cache._pca import PCA_FILE, Basis, check_basis, load_bases
 
 
 class Cache:
@@ -23,6 +24,8 @@ class Cache:
     Attributes:
         manifest: the parsed manifest.
         level_names: the cached levels, e.g. ``["block_2", "block_5"]``.
+        bases: {level: :class:`~cellembed.cache._pca.Basis`} of its ``pca<K>`` levels, read once here (from the
+            same location as the manifest, checked against the manifest's sha256); empty for other caches.
     """
 
     def __init__(self, path: str | Path):
@@ -30,6 +33,20 @@ class Cache:
         self.path = str(path) if self.remote else local_path(path)
         self.manifest = read_manifest(self.path)
         self.level_names = [lv["name"] for lv in self.manifest["levels"]]
+        self.bases = self._read_bases()
+
+    def _read_bases(self) -> dict[str, Basis]:
+        pca = self.manifest["identity"].get("pca")
+        if pca is None:
+            return {}
+        where = member_url(self.path, MANIFEST) if self.remote else str(self.path / MANIFEST)
+        path = member_url(self.path, PCA_FILE) if self.remote else self.path / PCA_FILE
+        try:
+            data = read_member(self.path, PCA_FILE) if self.remote else Path(path).read_bytes()
+        except OSError as err:
+            raise CacheError(f"{path}: cannot read this PCA cache's basis ({err}); copy {PCA_FILE} with the "
+                             "cache's other files") from None
+        return load_bases(check_basis(data, pca["sha256"], str(path), where))
 
     @property
     def cache_key(self) -> str:
@@ -85,7 +102,7 @@ class Cache:
                 reader = _HashingReader(raw)
                 with tarfile.open(fileobj=io.BufferedReader(reader, 1 << 20), mode="r|") as tar:
                     yield from _group_samples(tar, self.level_names if level_names is None else level_names, path,
-                                              self.repair_hint)
+                                              self.repair_hint, self.bases)
                 if expected is not None and reader.finish() != expected:
                     raise CacheError(f"{path}: corrupt shard (its sha256 differs from the manifest's); "
                                      f"{self.repair_hint}")
@@ -132,22 +149,23 @@ class _HashingReader(io.RawIOBase):
         return self.hash.hexdigest()
 
 
-def _group_samples(tar: tarfile.TarFile, level_names: list[str], path: Path, hint: str) -> Iterator[Sample]:
+def _group_samples(tar: tarfile.TarFile, level_names: list[str], path: Path, hint: str, bases: dict) \
+        -> Iterator[Sample]:
     current, parts = None, {}
     for member in tar:
         base, _, suffix = member.name.partition(".")
         if base != current and parts:
-            yield _decode(parts, level_names, path, hint)
+            yield _decode(parts, level_names, path, hint, bases)
             parts = {}
         current = base
         parts[suffix] = tar.extractfile(member).read()
     if parts:
-        yield _decode(parts, level_names, path, hint)
+        yield _decode(parts, level_names, path, hint, bases)
 
 
-def _decode(parts: dict, level_names: list[str], path: Path, hint: str) -> Sample:
+def _decode(parts: dict, level_names: list[str], path: Path, hint: str, bases: dict) -> Sample:
     try:
-        return decode_sample(parts, level_names, str(path))
+        return decode_sample(parts, level_names, str(path), bases)
     except CacheError:
         raise
     except Exception as err:  # noqa: BLE001 - any undecodable member (safetensors, JSON, PNG, keys) is corruption

@@ -53,9 +53,13 @@ class ChannelStats:
 
     Args:
         level_names: the levels to accumulate (prefix tokens are not).
+        bases: {level: :class:`~cellembed.cache._pca.Basis`} of ``pca<K>`` levels, whose statistics are those of the
+            reconstructed (C, h, w) values (computed in float64 with numpy).
     """
 
-    def __init__(self, level_names: list[str]):
+    def __init__(self, level_names: list[str], bases: dict | None = None):
+        self._bases = {n: (b.mean.double().numpy()[:, None], b.components.double().numpy().T)
+                       for n, b in (bases or {}).items()}
         self._sum: dict[str, np.ndarray | None] = {n: None for n in level_names}
         self._sumsq: dict[str, np.ndarray | None] = {n: None for n in level_names}
         self._count = {n: 0 for n in level_names}
@@ -64,7 +68,11 @@ class ChannelStats:
         """feats: name → (C, h, w) CPU tensor of one tile in its storage dtype. Nothing is added on error."""
         tile = {}
         for name in self._sum:
-            f = _float64(level_values(feats, name))
+            if name in self._bases:  # (C, 1) mean + (C, K) componentsᵀ @ (K, n) coefficients
+                mean, comps_t = self._bases[name]
+                f = comps_t @ _float64(feats[name]) + mean
+            else:
+                f = _float64(level_values(feats, name))
             tile[name] = f.sum(1), np.einsum("ij,ij->i", f, f), f.shape[1]
             if not np.isfinite(tile[name][1]).all():
                 raise NonFiniteFeatures(name, bool(np.isnan(tile[name][1]).any()))
@@ -110,9 +118,11 @@ class ShardWriter:
         index: the shard's position in the cache.
         cache_key: written into the shard's record so that a rerun can tell its own shards.
         level_names: names of the feature levels whose channel statistics are accumulated.
+        bases: the PCA bases of ``pca<K>`` levels (see :class:`ChannelStats`).
     """
 
-    def __init__(self, cache_dir: Path, name: str, index: int, cache_key: str, level_names: list[str]):
+    def __init__(self, cache_dir: Path, name: str, index: int, cache_key: str, level_names: list[str],
+                 bases: dict | None = None):
         self.cache_dir, self.name, self.index, self.cache_key = Path(cache_dir), name, index, cache_key
         self.path = self.cache_dir / name
         self.tmp = self.cache_dir / f".{name}.tmp"
@@ -120,7 +130,7 @@ class ShardWriter:
         self._hashing = _HashingFile(self._file)
         self._tar = tarfile.open(fileobj=self._hashing, mode="w", format=tarfile.PAX_FORMAT)
         self.keys: list[str] = []
-        self._stats = ChannelStats(level_names)
+        self._stats = ChannelStats(level_names, bases)
 
     def add(self, tile: EncodedTile) -> None:
         try:
@@ -168,13 +178,14 @@ def shard_record(name: str, index: int, cache_key: str, keys: list[str], n_bytes
             "keys": keys, "stats": stats.record()}
 
 
-def record_from_shard(path: Path, index: int, cache_key: str, level_names: list[str]) -> dict:
+def record_from_shard(path: Path, index: int, cache_key: str, level_names: list[str],
+                      bases: dict | None = None) -> dict:
     """Rebuild a finished shard's record from its bytes (what :meth:`ShardWriter.close` wrote), without the encoder.
 
     Raises:
         CacheError: the shard is not a readable cellembed tar.
     """
-    keys, stats = [], ChannelStats(level_names)
+    keys, stats = [], ChannelStats(level_names, bases)
     try:
         with tarfile.open(path, mode="r:") as tar:
             for member in tar:
@@ -221,14 +232,17 @@ class BackgroundWriter:
         plan: ``[(shard_name, shard_index, n_tiles), ...]`` in the order tiles will arrive.
         cache_key: the cache's key.
         level_names: feature level names.
+        bases: the PCA bases of ``pca<K>`` levels (see :class:`ChannelStats`).
         max_pending: queue bound, in batches; keeps memory bounded.
         prepare: run in the writer thread on each item given to :meth:`put`, turning it into the batch's tiles
             (waiting for device copies, encoding PNG / GT); items are lists of tiles already when None.
     """
 
     def __init__(self, cache_dir: Path, plan: list[tuple[str, int, int]], cache_key: str, level_names: list[str],
-                 max_pending: int = 4, prepare: Callable[[Any], list[EncodedTile]] | None = None):
+                 bases: dict | None = None, max_pending: int = 4,
+                 prepare: Callable[[Any], list[EncodedTile]] | None = None):
         self.cache_dir, self.plan, self.cache_key, self.level_names = Path(cache_dir), plan, cache_key, level_names
+        self.bases = bases
         self.prepare = prepare
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.records: list[dict] = []
@@ -266,7 +280,8 @@ class BackgroundWriter:
                 for tile in item if self.prepare is None else self.prepare(item):
                     if remaining == 0:
                         name, index, remaining = next(shards)
-                        writer = ShardWriter(self.cache_dir, name, index, self.cache_key, self.level_names)
+                        writer = ShardWriter(self.cache_dir, name, index, self.cache_key, self.level_names,
+                                             self.bases)
                     writer.add(tile)
                     remaining -= 1
                     if remaining == 0:
