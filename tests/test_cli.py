@@ -67,6 +67,8 @@ def test_encoders_table_lists_presets_with_licence():
     (["--dataset", "synthetic", "--out", "README.md"], "is a file"),
     (["--dataset", "synthetic", "--codec", "int2"], "unknown codec 'int2'"),
     (["--dataset", "synthetic", "--codec", "block_99=int8"], "unknown level 'block_99'"),
+    (["--dataset", "synthetic", "--codec", "pca0"], "choose pca1 to pca"),
+    (["--dataset", "synthetic", "--codec", "pca9999"], "choose pca1 to pca"),
 ])
 def test_bad_input_gives_one_line_error(tmp_path, args, message):
     base = {"--encoder": "test_vit", "--weights": "random", "--out": str(tmp_path / "c")}
@@ -167,3 +169,22 @@ def test_score_arrays_from_npy_files(tmp_path):
     np.save(tmp_path / "bad.npy", pred[:2])
     bad = run("score", "--pred", str(tmp_path / "bad.npy"), "--true", str(tmp_path / "t.npy"))
     assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
+
+
+def test_extract_pca_codec_and_info(tmp_path):
+    """``--codec pcaK``: the basis file is written beside the shards; ``info`` names it and each level's K and
+    explained variance."""
+    cache = tmp_path / "cache"
+    result = run("extract", "--dataset", "synthetic", "-o", "n_tiles=4", "-o", "size=64", "--encoder", "test_vit",
+                 "--weights", "random", "--workers", "0", "--device", "cpu", "--codec", "pca4", "--pca-tiles", "3",
+                 "--out", str(cache))
+    assert result.exit_code == 0, result.output
+    assert (cache / "pca.safetensors").is_file()
+    manifest = read_manifest(cache)
+    assert manifest["identity"]["pca"]["fit_tiles"] == 3
+    info = run("info", str(cache))
+    assert info.exit_code == 0, info.output
+    text = " ".join(info.output.split())
+    assert "pca.safetensors" in text and "fitted on 3 tiles" in text
+    for lv in manifest["levels"]:
+        assert f"4, {lv['pca']['explained_variance']:.4f}" in text
