@@ -1,22 +1,25 @@
 """Cache compression and level selection: bytes, read speed and (on real tiles) the PQ cost of each codec.
 
 Part 1, bytes and reading (real CoNSeP train tiles when ``../shared/realdata`` is there, synthetic tiles
-otherwise): the packaged EfficientNet-Lite0 extracted with ``--codec none`` (fp16), ``int8``, ``int4`` and a mix
-(int8 for the two large high-resolution levels, fp16 for the others), each with its feature bytes per tile, its
+otherwise): the packaged EfficientNet-Lite0 extracted with ``--codec none`` (fp16), ``int8``, ``int4``, a mix
+(int8 for the two large high-resolution levels, fp16 for the others) and ``pca<C/4>`` on every level (a basis fitted
+on the first 256 tiles, a quarter of the channels stored as fp16 coefficients), each with its feature bytes per tile, its
 whole cache per tile, the size ratio to fp16, the worst relative error of the read-back features and the time to
 read and decode every sample (``Cache`` iteration, best of 3). Then an fp16 cache holding all seven stage ends
 (blocks 0,2,4,7,10,14,15) is read serving 1, 2, 4 and 7 of its levels: only the served levels are decoded
 (``load_tensors``), so the read cost follows what a run asks for, not what the cache holds.
 
-Part 2, PQ (real data only, ``--seeds``): ``fit-decoder`` trains on the fp16 and the int8 caches (``--fit-codecs``)
+Part 2, PQ (real data only, ``--seeds``): ``fit-decoder`` trains on the fp16 and the int8 caches (``--fit-codecs``,
+also int4 and pca)
 of CoNSeP's train images (split by source image as in ``quality_consep.py``: 288 / 48 / 96 tiles), ``--epochs``
 epochs, its other options at their defaults, and each run is scored on the test split; mean ± sd over seeds and
 the paired difference to fp16.
 
 ``--no-fit`` measures part 1 only and keeps the PQ rows of the previous results file (``results/codec_cpu.json``);
-``--fit-codecs int4`` trains on int4 caches only, keeping the previous runs of the other codecs (same epochs).
+``--fit-codecs int4`` trains on int4 caches only, keeping the previous runs of the other codecs (same epochs). Each
+split's pca cache fits its own basis on its own tiles.
 
-    python benchmarks/codec.py [--seeds 0 1 2] [--epochs 10] [--no-fit] [--fit-codecs fp16 int8 int4]
+    python benchmarks/codec.py [--seeds 0 1 2] [--epochs 10] [--no-fit] [--fit-codecs fp16 int8 int4 pca]
 """
 
 from __future__ import annotations
@@ -42,7 +45,17 @@ ENCODER = "efficientnet_lite0_in1k"
 GROUPS = r"(.+)_\d+$"
 ALL_STAGES = "all"  # EfficientNet-Lite0: its seven stage ends 0,2,4,7,10,14,15
 CODECS = {"fp16": "none", "int8": "int8", "int4": "int4",
-          "int8 (levels 1-2), fp16": None}  # None: filled with the level names
+          "int8 (levels 1-2), fp16": "mixed", "pca (K = C/4)": "pca"}  # mixed, pca: filled from the fp16 levels
+
+
+def codec_spec(codec: str, levels: list[dict]) -> str:
+    """``--codec`` of a ``CODECS`` value: "mixed" → int8 for the two highest-resolution (largest) levels, "pca" →
+    pca<C/4> on every level; other values as they are. ``levels``: the fp16 cache's manifest levels."""
+    if codec == "mixed":
+        return ",".join(f"{lv['name']}=int8" for lv in levels[:2])
+    if codec == "pca":
+        return ",".join(f"{lv['name']}=pca{max(1, lv['channels'] // 4)}" for lv in levels)
+    return codec
 
 
 def consep() -> Path | None:
@@ -102,10 +115,9 @@ def size_rows(tmp: Path, workers: int) -> tuple[list[dict], list[dict], dict]:
 
     paths, rows = {}, []
     for label, codec in CODECS.items():
-        out = tmp / f"train-{label.split()[0]}{'-mixed' if codec is None else ''}"
-        if codec is None:  # int8 for the two highest-resolution (largest) levels
-            names = [lv["name"] for lv in open_cache(paths["fp16"]).manifest["levels"]]
-            codec = ",".join(f"{n}=int8" for n in names[:2])
+        out = tmp / f"train-{label.split()[0]}{'-mixed' if codec == 'mixed' else ''}"
+        if label != "fp16":
+            codec = codec_spec(codec, open_cache(paths["fp16"]).manifest["levels"])
         seconds = extract_cache(out, codec, workers=workers)
         paths[label] = out
         cache = open_cache(out)
@@ -129,13 +141,14 @@ def size_rows(tmp: Path, workers: int) -> tuple[list[dict], list[dict], dict]:
     return rows, level_rows, {k: str(v) for k, v in paths.items()}
 
 
-def fit_rows(tmp: Path, seeds: list[int], epochs: int, workers: int, codecs: list[str]) -> list[dict]:
+def fit_rows(tmp: Path, seeds: list[int], epochs: int, workers: int, codecs: list[str], levels: list[dict]) \
+        -> list[dict]:
     from cellembed.evaluate import score_run
     from cellembed.train import FitConfig, fit_decoder
 
     rows = []
     for label in codecs:
-        codec = "none" if label == "fp16" else label
+        codec = "none" if label == "fp16" else codec_spec(label, levels)
         caches = {split: tmp / f"{label}-{split}" for split in ("train", "val", "test")}
         for split, out in caches.items():
             extract_cache(out, codec, split=split, workers=workers)
@@ -181,21 +194,25 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--no-fit", action="store_true", help="bytes and reading only (no training)")
-    parser.add_argument("--fit-codecs", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8", "int4"],
+    parser.add_argument("--fit-codecs", nargs="+", default=["fp16", "int8"], choices=["fp16", "int8", "int4", "pca"],
                         help="codecs trained on; the previous results' runs of other codecs are kept")
     args = parser.parse_args()
+    from cellembed.cache import read_manifest
+
     torch.set_num_threads(min(2, torch.get_num_threads()))
     tmp = Path(tempfile.mkdtemp(prefix="cellembed-codec-"))
     t0 = time.perf_counter()
     try:
-        sizes, levels, _ = size_rows(tmp, args.workers)
+        sizes, levels, paths = size_rows(tmp, args.workers)
         old = RESULTS / "codec_cpu.json"
         previous = json.loads(old.read_text()) if old.is_file() else {}
         kept = previous.get("fits", []) if previous.get("args", {}).get("epochs", args.epochs) == args.epochs else []
         if args.no_fit:
             fits = kept
         else:
-            new = [] if consep() is None else fit_rows(tmp, args.seeds, args.epochs, args.workers, args.fit_codecs)
+            fp16_levels = read_manifest(paths["fp16"])["levels"]
+            new = [] if consep() is None else fit_rows(tmp, args.seeds, args.epochs, args.workers, args.fit_codecs,
+                                                       fp16_levels)
             fits = [r for r in kept if r["codec"] not in args.fit_codecs] + new
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -204,7 +221,9 @@ def main() -> None:
         f"{data}, EfficientNet-Lite0 (packaged ImageNet weights), CPU. Feature bytes = the feats.safetensors members "
         "of every shard; cache bytes = the whole shards (image PNG, ground truth, metadata included). int8 / int4: "
         "per tile and per channel, the absolute maximum / 127 (int8) or / 7 (int4, two values per byte) as scale "
-        "(stored in fp16 beside the level), values read back as fp16; error = largest |read-back − fp16| over the "
+        "(stored in fp16 beside the level), values read back as fp16; pca: K = C/4 principal-component "
+        "coefficients per position in fp16 (basis fitted on the first 256 tiles, in pca.safetensors, not counted in "
+        "the feature bytes), reconstructed to C channels when read; error = largest |read-back − fp16| over the "
         "channel's absolute maximum. Reading: every sample "
         "of the cache decoded in this process (tar, safetensors, PNG), best of 3.")
     summary = summary_rows(fits) if fits else []
