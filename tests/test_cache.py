@@ -521,12 +521,17 @@ def test_pca_resume_reuses_the_basis_and_refuses_a_tampered_one(pca_cache, tmp_p
         extract(cfg)
     with pytest.raises(CacheError, match=r"pca\.safetensors: sha256 .* differs .*manifest\.json"):
         open_cache(out)
+    assert [(p.shard, p.problem) for p in verify_cache(out).problems] == [("pca.safetensors", "corrupt")]
     basis.unlink()
     with pytest.raises(CacheError, match=r"pca\.safetensors: missing.*--overwrite"):
         extract(cfg)
     monkeypatch.undo()
     fixed = extract(config(out, codec=cfg.codec, overwrite=True))  # refits the same basis: the shards are kept
-    assert fixed.n_skipped == N_TILES and basis.read_bytes() == good
+    assert fixed.n_skipped == N_TILES and basis.read_bytes() == good and verify_cache(out).ok
+    damage(out / "shard-00-000002.tar", "corrupt")
+    (out / ".parts" / "shard-00-000000.tar.json").unlink()  # rebuilt from the shard's bytes, with the basis
+    repaired = extract(config(out, codec=cfg.codec, repair=True))  # statistics rebuilt from reconstructed values
+    assert repaired.rewritten == ("shard-00-000002.tar",) and read_manifest(out) == first.manifest
 
 
 def test_pca_two_ranks_without_process_group_match_single_process(pca_cache, tmp_path):

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, NamedTuple
 
 from cellembed.cache._manifest import SHARD_RE, read_manifest
+from cellembed.cache._pca import PCA_FILE
 
 
 def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
@@ -61,6 +62,7 @@ def verify_cache(cache_dir: str | Path, progress: Callable[[int, int], None] | N
         done += shard["bytes"]
         if progress:
             progress(done, total)
+    problems += _basis_problems(manifest, lambda: (cache_dir / PCA_FILE).read_bytes())
     listed = {s["name"] for s in manifest["shards"]}
     for path in sorted(cache_dir.glob("shard-*.tar")):
         if SHARD_RE.match(path.name) and path.name not in listed:
@@ -93,7 +95,25 @@ def _verify_remote(location: str, progress) -> VerifyReport:
         done += shard["bytes"]
         if progress:
             progress(done, total)
+    from cellembed.cache._location import read_member
+
+    problems += _basis_problems(manifest, lambda: read_member(location, PCA_FILE))
     return VerifyReport(location, len(manifest["shards"]), manifest["n_samples"], manifest["n_bytes"], problems)
+
+
+def _basis_problems(manifest: dict, read: Callable[[], bytes]) -> list[ShardProblem]:
+    """A PCA cache's basis file (``read()`` → its bytes) against the sha256 in the manifest's identity."""
+    pca = manifest["identity"].get("pca")
+    if pca is None:
+        return []
+    try:
+        data = read()
+    except OSError as err:
+        return [ShardProblem(PCA_FILE, "missing", f"the PCA basis cannot be read ({err})")]
+    if hashlib.sha256(data).hexdigest() != pca["sha256"]:
+        return [ShardProblem(PCA_FILE, "corrupt", "sha256 differs from the manifest's; restore the original file "
+                             "(a repair cannot refit it: re-extract with --overwrite)")]
+    return []
 
 
 def check_shard(path: Path, shard: dict) -> ShardProblem | None:
