@@ -552,3 +552,16 @@ def test_pca_bad_specs():
             parse_codecs(spec, names, "fp16", [32, 64])
     with pytest.raises(ValueError, match="unknown codec 'pcax'"):
         parse_codecs("pcax", names, "fp16", [32, 64])
+
+
+@pytest.mark.slow
+def test_pca_torchrun_two_processes_gloo_end_with_one_basis(tmp_path):
+    """Under torchrun rank 0 fits and writes the basis and rank 1 reads it after a barrier: the cache equals a
+    single process's."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29519",
+           "-m", "cellembed", "extract", *SYNTH_CLI, "--batch-size", "3", "--codec", "pca8", "--out", str(tmp_path / "c")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = extract(config(tmp_path / "single", codec="pca8"))
+    assert manifest_without_names(read_manifest(tmp_path / "c")) == manifest_without_names(single.manifest)
+    assert (tmp_path / "c" / "pca.safetensors").read_bytes() == (tmp_path / "single" / "pca.safetensors").read_bytes()

@@ -71,7 +71,8 @@ def fit_bases(feats: Iterable[dict[str, torch.Tensor]], ks: dict[str, int]) -> b
         mean = s / n
         cov = g / n - torch.outer(mean, mean)
         if not torch.isfinite(cov).all():
-            raise CacheError(f"PCA fit: non-finite features at {name}; use --dtype bf16 or another codec for it")
+            raise CacheError(f"PCA fit: the encoder gave non-finite features at {name} on the fitting tiles; check "
+                             "the weights and tiles, or store this level with another codec")
         values, vectors = torch.linalg.eigh(cov.cpu())  # ascending
         values, vectors = values.flip(0).clamp_min(0), vectors.flip(1)
         comps = vectors[:, :k].T.contiguous()
