@@ -207,8 +207,9 @@ def main() -> None:
         old = RESULTS / "codec_cpu.json"
         previous = json.loads(old.read_text()) if old.is_file() else {}
         kept = previous.get("fits", []) if previous.get("args", {}).get("epochs", args.epochs) == args.epochs else []
-        if args.no_fit:
-            fits = kept
+        if args.no_fit:  # the previous runs as they are, with their own schedule
+            fits = previous.get("fits", [])
+            args.epochs = previous.get("args", {}).get("epochs", args.epochs)
         else:
             fp16_levels = read_manifest(paths["fp16"])["levels"]
             new = [] if consep() is None else fit_rows(tmp, args.seeds, args.epochs, args.workers, args.fit_codecs,
