@@ -154,3 +154,17 @@ def _report_table(out: Path) -> str:
 def test_sweep_cli_refuses_a_bad_part(tmp_path):
     result = CliRunner().invoke(app, ["sweep", str(TINY), "--out", str(tmp_path), "--part", "3/2"])
     assert result.exit_code == 2 and "should be I/N" in result.output and "Traceback" not in result.output
+
+
+def test_a_failing_config_is_reported_and_the_sweep_goes_on(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("data: {dataset: synthetic, scheme: cisca, dataset_options: {n_tiles: 10, size: 64}}\n"
+                    "extract: {num_workers: 0, device: cpu}\nfit: {device: cpu, num_workers: 0}\n"
+                    f"runs:\n  - {{encoder: test_vit, blocks: deep, extract: {{weights: {tmp_path / 'a.safetensors'}}}}}\n"
+                    f"  - {{encoder: test_vit, blocks: mixed, extract: {{weights: {tmp_path / 'b.safetensors'}}}}}\n")
+    result = CliRunner().invoke(app, ["sweep", str(path), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    failed = sorted((tmp_path / "out").glob("runs/*/seed0/failed.json"))
+    assert len(failed) == 2  # the first failure did not stop the second configuration
+    assert "a.safetensors" in json.loads(failed[0].read_text())["error"] + json.loads(failed[1].read_text())["error"]
+    assert result.output.count("failed") >= 2 and "Traceback" not in result.output

@@ -62,8 +62,11 @@ def overlay_figure(records: list[Record], path: Path, n_tiles: int = 4) -> Path:
     for r in sorted(records, key=lambda r: r.seed):
         first.setdefault((r.dataset, r.config_id), r)
     runs = list(first.values())
-    cache = {s.key: s for s in open_cache(runs[0].test_cache)}
-    keys = sorted(cache, key=lambda k: -len(np.unique(cache[k].inst_map)))[:n_tiles]
+    cache = open_cache(runs[0].test_cache)
+    tiles = lambda: (s for p in cache.shard_paths for s in cache.iter_shard(p, level_names=[]))  # noqa: E731
+    nuclei = {s.key: len(np.unique(s.inst_map)) for s in tiles()}  # no features decoded; two passes keep memory low
+    keys = sorted(nuclei, key=lambda k: -nuclei[k])[:n_tiles]
+    cache = {s.key: s for s in tiles() if s.key in keys}
     preds = {}
     for r in runs:
         order = (r.folder / "score" / "keys.txt").read_text().split()

@@ -27,8 +27,8 @@ class Lock:
     """An exclusive lock file ``path`` holding host, pid and time, refreshed while held.
 
     ``acquire()`` creates the file with ``O_CREAT | O_EXCL`` (atomic); a lock not refreshed for ``stale``
-    seconds, or held by a dead process of this host, is taken over (under a short-lived ``<path>.takeover`` lock, so two jobs never both take it).
-    While held, a thread touches the file every ``stale / 4`` seconds. Use as a context manager or call
+    seconds, or held by a dead process of this host, is taken over (under a short-lived ``<path>.takeover``
+    lock, so two jobs never both take it). While held, a thread touches the file every ``stale / 4`` seconds. Use as a context manager or call
     ``acquire`` / ``release``.
     """
 

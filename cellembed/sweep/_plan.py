@@ -55,7 +55,7 @@ class RunJob(NamedTuple):
         name: the readable name.
         seed: the seed.
         folder: ``<out>/runs/<config_id>/seed<seed>``.
-        fit: the FitConfig (``out`` = ``folder``).
+        fit: the FitConfig (``out`` = ``folder/run``).
         cache: the CacheJob it reads.
         resolved: everything that defines the run (written to ``sweep.json`` beside it).
     """
@@ -179,7 +179,8 @@ def _caches(source: str, root: Path, data: dict, extract: dict, entries: list[di
             raise ConfigError(f"{source}: extract.{key} is set by the sweep (data section or runs); remove it")
         union = sorted({i for e in entries if _cache_group(e) == group for i in e["indices"]})
         blocks = ",".join(map(str, union))
-        ident = {"data": data, "extract": extract_run, "encoder": encoder, "blocks": blocks}
+        ident = {"data": data, "encoder": encoder, "blocks": blocks,  # how fast it runs does not name the cache
+                 "extract": {k: v for k, v in extract_run.items() if k not in ("batch_size", "num_workers", "device")}}
         folder = root / "caches" / f"{encoder}-{_hash(ident)}"
         configs = {role: from_dict(ExtractConfig, {**extract_run, "dataset": data["dataset"], "root": data.get("root"),
                                                    "split": split, "folds": data.get("folds"),
@@ -200,17 +201,21 @@ def _cache_group(entry: dict) -> tuple[str, str]:
 def _run(source: str, root: Path, data: dict, cache: CacheJob, entry: dict, seed: int) -> RunJob:
     from cellembed.train import FitConfig
 
+    from cellembed.train._fit import RESUME_FREE
+
     levels = ",".join(f"block_{i}" for i in entry["indices"])
+    # what may change when a run resumes (device, workers, memory mode) does not define it
+    defining = {k: v for k, v in entry["fit"].items() if k not in RESUME_FREE}
     resolved = {"data": data, "cache": cache.folder.name, "encoder": entry["encoder"], "blocks": entry["blocks"],
-                "levels": levels, "fit": entry["fit"]}
+                "levels": levels, "fit": defining}
     config_id = f"{entry['name']}-{_hash(resolved)}"
     folder = root / "runs" / config_id / f"seed{seed}"
-    fit = from_dict(FitConfig, {**entry["fit"], "out": str(folder), "cache": str(cache.paths["train"]),
+    fit = from_dict(FitConfig, {**entry["fit"], "out": str(folder / "run"), "cache": str(cache.paths["train"]),
                                 "val_cache": str(cache.paths["val"]), "levels": levels, "seed": seed, "tune": True},
                     f"{source} ({entry['name']})")
-    return RunJob(config_id, entry["name"], seed, folder, fit, cache, {**resolved, "name": entry["name"],
-                                                                        "seed": seed,
-                                                                        "fit_config": dataclasses.asdict(fit)})
+    fit_config = {k: v for k, v in dataclasses.asdict(fit).items() if k not in RESUME_FREE + ("out", "cache")}
+    return RunJob(config_id, entry["name"], seed, folder, fit, cache,
+                  {**resolved, "name": entry["name"], "seed": seed, "fit_config": fit_config})
 
 
 def parse_part(text: str | None, env: dict) -> tuple[int, int]:

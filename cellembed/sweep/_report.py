@@ -64,8 +64,9 @@ def _record(folder: Path) -> Record:
     for c, v in (scores.get("per_class") or {}).items():
         values[f"pq_{names[int(c)] if int(c) < len(names) else c}"] = v["pq"]
     lines = (folder / "run" / "metrics.jsonl").read_text().splitlines()
+    test_cache = folder.parents[2] / "caches" / resolved["cache"] / "test"  # <sweep>/runs/<config>/seed<k>
     return Record(folder, resolved["data"]["dataset"], done["config_id"], done["name"], done["seed"], values,
-                  names, [json.loads(x) for x in lines if x.strip()], scores["run"]["cache"])
+                  names, [json.loads(x) for x in lines if x.strip()], str(test_cache))
 
 
 def _mean_sd(values: list) -> tuple[float, float, int]:
@@ -175,7 +176,8 @@ def compare(records: list[Record], a: str, b: str) -> list[dict]:
 
 def compare_markdown(a: str, b: str, rows: list[dict]) -> str:
     lines = [f"Paired comparison A = {a}, B = {b} (per-seed differences A − B; paired t-test, two-sided)", "",
-             "| metric | seeds | A mean | B mean | mean A − B | sd | t | p |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| metric | seeds | A mean | B mean | mean A − B | sd | t | p |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {_label(r['metric'])} | {r['n']} | {r['a_mean']:.4f} | {r['b_mean']:.4f} | {r['diff_mean']:+.4f} | "
               f"{r['diff_sd']:.4f} | {r['t']:.3f} | {r['p']:.4f} |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -87,6 +87,7 @@ def run_sweep(sweep: Sweep, part: tuple[int, int] = (1, 1), on_event: Event | No
             emit("done", run, {})
         except Exception as err:  # noqa: BLE001 - one failed config must not stop the sweep
             failed.append((run, err))
+            run.folder.mkdir(parents=True, exist_ok=True)
             write_json_atomic(run.folder / "failed.json", {"error": f"{type(err).__name__}: {err}",
                                                            "traceback": traceback.format_exc()})
             _log(sweep, run, "failed", part, error=f"{type(err).__name__}: {err}")
@@ -108,7 +109,7 @@ def _one(sweep: Sweep, run: RunJob, part: tuple[int, int], emit: Event, stale: f
     fit_decoder(run.fit, on_epoch=lambda e, n, m: emit("epoch", run, {"epoch": e, "epochs": n}))
     emit("stage", run, {"stage": "score"})
     fit = run.fit
-    scores = score_run(run.folder / "run", run.cache.paths["test"], run.folder / "score", device=fit.device,
+    scores = score_run(fit.out, run.cache.paths["test"], run.folder / "score", device=fit.device,
                        num_workers=fit.num_workers, n_overlays=0, overwrite=True).metrics
     write_json_atomic(run.folder / "done.json", {"config_id": run.config_id, "name": run.name, "seed": run.seed,
                                                  "summary": scores["summary"], "per_class": scores.get("per_class"),
