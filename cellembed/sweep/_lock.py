@@ -28,8 +28,8 @@ class Lock:
 
     ``acquire()`` creates the file with ``O_CREAT | O_EXCL`` (atomic); a lock not refreshed for ``stale``
     seconds, or held by a dead process of this host, is taken over (under a short-lived ``<path>.takeover``
-    lock, so two jobs never both take it). While held, a thread touches the file every ``stale / 4`` seconds. Use as a context manager or call
-    ``acquire`` / ``release``.
+    lock, so two jobs never both take it). While held, a thread touches the file every ``stale / 4`` seconds.
+    Use as a context manager or call ``acquire`` / ``release``.
     """
 
     def __init__(self, path: str | Path, stale: float = STALE_SECONDS):
