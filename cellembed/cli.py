@@ -774,7 +774,7 @@ class _SweepProgress:
             self.n_run += kind == "done"
             self.bar.update(self.task, advance=1.0 - self.part.pop(key, 0.0), rate=self._rate(f"{label}: {kind}"))
             if kind == "failed":
-                console.print(f"[red]failed[/] {label}: {info['error']}", highlight=False)
+                console.print(f"[red]failed[/] {label}: {info['error']}", highlight=False, soft_wrap=True)
 
     def _rate(self, text: str) -> str:
         if not self.n_run:
