@@ -222,8 +222,9 @@ def parse_part(text: str | None, env: dict) -> tuple[int, int]:
     """``--part I/N`` (1 ≤ I ≤ N) or, unset, SLURM's array task: I = (ID − MIN) / STEP + 1, N = COUNT.
 
     SLURM numbers array tasks by the ids given to ``--array`` (``0-3`` gives 0..3, ``1-4`` gives 1..4) and sets
-    ``SLURM_ARRAY_TASK_MIN`` / ``_MAX`` / ``_STEP`` / ``_COUNT``, so any range maps onto parts 1..N. Without
-    either: 1/1 (the whole sweep).
+    ``SLURM_ARRAY_TASK_MIN`` / ``_MAX`` / ``_STEP`` / ``_COUNT``, so any range (``0-15:5`` too) maps onto parts
+    1..N. An irregular id list (``--array=1,3,7``) does not: it gives an invalid part, refused in one line; pass
+    ``--part`` there. Without either: 1/1 (the whole sweep).
 
     Raises:
         ValueError: one line naming the bad value and the valid range.
