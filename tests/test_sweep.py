@@ -36,6 +36,9 @@ def test_part_from_slurm_array_any_numbering():
     assert [parse_part(None, env(i, 0, 3, 5)) for i in (0, 5, 10)] == [(1, 3), (2, 3), (3, 3)]  # 0-10:5
     assert parse_part("2/3", env(0, 0, 4)) == (2, 3)  # --part wins
     assert parse_part(None, {}) == (1, 1)
+    irregular = {**env(3, 1, 3), "SLURM_ARRAY_TASK_MAX": "7"}  # --array=1,3,7
+    with pytest.raises(ValueError, match="not a regular range"):
+        parse_part(None, irregular)
 
 
 def test_parts_cover_every_config_once():

@@ -223,15 +223,19 @@ def parse_part(text: str | None, env: dict) -> tuple[int, int]:
 
     SLURM numbers array tasks by the ids given to ``--array`` (``0-3`` gives 0..3, ``1-4`` gives 1..4) and sets
     ``SLURM_ARRAY_TASK_MIN`` / ``_MAX`` / ``_STEP`` / ``_COUNT``, so any range (``0-15:5`` too) maps onto parts
-    1..N. An irregular id list (``--array=1,3,7``) does not: it gives an invalid part, refused in one line; pass
-    ``--part`` there. Without either: 1/1 (the whole sweep).
+    1..N. An irregular id list (``--array=1,3,7``) is refused in one line; pass ``--part`` there. Without either: 1/1 (the whole sweep).
 
     Raises:
         ValueError: one line naming the bad value and the valid range.
     """
     if text is None and "SLURM_ARRAY_TASK_ID" in env and "SLURM_ARRAY_TASK_COUNT" in env:
         step = int(env.get("SLURM_ARRAY_TASK_STEP", 1) or 1)
-        index = (int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))) // step + 1
+        low, count = int(env.get("SLURM_ARRAY_TASK_MIN", 0)), int(env["SLURM_ARRAY_TASK_COUNT"])
+        high = int(env.get("SLURM_ARRAY_TASK_MAX", low + (count - 1) * step))
+        if (high - low) // step + 1 != count:
+            raise ValueError(f"SLURM array ids {low}..{high} (step {step}) are not a regular range of {count} tasks; "
+                             "use --array=0-<N-1> or pass --part I/N")
+        index = (int(env["SLURM_ARRAY_TASK_ID"]) - low) // step + 1
         text = f"{index}/{env['SLURM_ARRAY_TASK_COUNT']}"
     if text is None:
         return 1, 1
