@@ -100,7 +100,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 def _summaries(out: Path) -> dict:
-    return {str(p.parent.relative_to(out)): json.loads(p.read_text())["summary"]
+    """Each run's test scores and its per-epoch losses and validation scores (times left out)."""
+    return {str(p.parent.relative_to(out)): (json.loads(p.read_text())["summary"],
+                                             [{k: v for k, v in json.loads(line).items() if "seconds" not in k}
+                                              for line in (p.parent / "run" / "metrics.jsonl").read_text().splitlines()])
             for p in sorted(out.glob("runs/*/seed*/done.json"))}
 
 

@@ -40,8 +40,11 @@ def curves_figure(records: list[Record], path: Path) -> Path:
             ys = [math.nan if h.get(key) is None else h[key] for h in r.history]
             ax.plot(epochs, ys, styles[s % len(styles)], color=colours(c % colours.N), marker="o", ms=3,
                     label=r.name if s == 0 else None)
+    from matplotlib.ticker import MaxNLocator
+
     for ax, (_, title) in zip(axes, keys):
         ax.set(xlabel="epoch", title=title)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[-1].legend(fontsize=7, loc="best", title="line style = seed " + ", ".join(map(str, seeds)),
                     title_fontsize=7)

@@ -19,7 +19,7 @@ import numpy as np
 AVERAGING = ("Each run: PQ, DQ, SQ and AJI are means over the test images with at least one true nucleus; "
              "per-class PQ and mPQ+ pool TP/FP/FN/IoU per class over the whole test split (mPQ+ = mean of the "
              "class PQs, CoNIC). Each cell: mean ± sample sd (ddof = 1) over the seeds of one configuration "
-             "(n = number of seeds); best mean per column in bold (per dataset). Paired comparisons: per-seed "
+             "(n = number of seeds); best mean per column in bold (per dataset; none where all tie). Paired comparisons: per-seed "
              "differences A − B over the seeds both have, their mean and sd, and a two-sided paired t-test.")
 COLUMNS = (("pq", "PQ"), ("mpq_plus", "mPQ+"), ("aji", "AJI"), ("dq", "DQ"), ("sq", "SQ"))
 
@@ -82,7 +82,8 @@ def table(records: list[Record]) -> tuple[list[str], list[dict]]:
 
     Returns:
         (metric keys in column order, rows). A row holds dataset, config, name, seeds and, per metric key,
-        ``(mean, sd, n)``; ``best`` lists the metric keys where this row has the highest mean of its dataset.
+        ``(mean, sd, n)``; ``best`` lists the metric keys where this row has the highest mean of its dataset
+        (none in a column where every row ties).
     """
     keys = list(dict.fromkeys(k for r in records for k in r.values))
     keys = [k for k, _ in COLUMNS[:2]] + [k for k in keys if k.startswith("pq_")] + [k for k, _ in COLUMNS[2:]]
@@ -96,7 +97,7 @@ def table(records: list[Record]) -> tuple[list[str], list[dict]]:
         mine = [r for r in rows if r["dataset"] == dataset]
         for k in keys:
             scored = [r for r in mine if not math.isnan(r[k][0])]
-            if scored:
+            if len({r[k][0] for r in scored}) > 1:  # a column where every row ties has no best
                 top = max(r[k][0] for r in scored)
                 for r in scored:
                     if r[k][0] == top:
