@@ -58,7 +58,8 @@ def test_plan_shares_one_cache_per_encoder_and_hashes_the_config(tmp_path):
     assert levels["test_vit-deep"] == "block_3,block_4,block_5"
     eff = next(c for c in sweep.caches if c.encoder == "efficientnet_lite0_in1k")
     assert eff.configs["train"].weights == "packaged" and vit.configs["train"].weights == "random"
-    changed = load_sweep(TINY, parse_sets(["fit.epochs=3"]), out=tmp_path)
+    assert [r.seed for r in load_sweep(TINY, parse_sets(["seeds=[4, 5, 6]"]), out=tmp_path).runs[:3]] == [4, 5, 6]
+    changed = load_sweep(TINY, parse_sets(["epochs=3"]), out=tmp_path)
     assert {r.config_id for r in changed.runs}.isdisjoint({r.config_id for r in sweep.runs})
     assert [r.folder.parent.name.rsplit("-", 1)[0] for r in changed.runs[::2]] == [r.name for r in sweep.runs[::2]]
 
@@ -133,7 +134,9 @@ def test_sweep_parts_at_once_then_killed_and_resumed_sweep_matches(tmp_path):
     assert 0 < len(list(again.glob("runs/*/seed*/done.json"))) < 6, "the sweep ended before it could be killed"
     resumed = subprocess.run(_sweep_cmd(again), env=ENV, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert _summaries(again) == _summaries(both) and len(_summaries(both)) == 6
+    got, want = _summaries(again), _summaries(both)
+    assert len(want) == 6 and got.keys() == want.keys()
+    assert got == want, [(k, got[k], want[k]) for k in want if got[k] != want[k]]
     finished = subprocess.run(_sweep_cmd(again), env=ENV, capture_output=True, text=True, timeout=600)
     assert finished.stdout.count("done before") == 6  # nothing is run twice
     # the report: Table I, a paired comparison, curves, overlays, one HTML page

@@ -79,7 +79,8 @@ class Sweep(NamedTuple):
 
 
 def parse_sets(pairs: list[str]) -> dict:
-    """``--set section.key=value`` (or ``key=value`` for a ``fit`` field) as a nested dict; YAML-typed values."""
+    """``--set section.key=value`` (``key=value`` for a ``fit`` field, ``seeds=[0,1]``) as a nested dict; values
+    are read as YAML (``2`` an int, ``[0, 1]`` a list)."""
     import yaml
 
     out: dict = {}
@@ -88,6 +89,9 @@ def parse_sets(pairs: list[str]) -> dict:
         if not sep or not key:
             raise ValueError(f"--set {pair!r} is not KEY=VALUE (e.g. --set fit.epochs=2 or --set data.root=/data)")
         section, dot, field = key.partition(".")
+        if key == "seeds":
+            out["seeds"] = yaml.safe_load(value)
+            continue
         if not dot:
             section, field = "fit", key
         out.setdefault(section, {})[field] = yaml.safe_load(value)
