@@ -8,4 +8,8 @@ def __getattr__(name):  # heavy modules (torch, timm) load on first use, so `cel
         from cellembed import cache
 
         return getattr(cache, name)
+    if name in ("load_sweep", "run_sweep", "report"):
+        from cellembed import sweep
+
+        return getattr(sweep, name)
     raise AttributeError(f"module 'cellembed' has no attribute {name!r}")

@@ -752,6 +752,92 @@ def demo(
                   f"{result.cache.parent}, run {result.run}, scores {result.score}")
 
 
+class _SweepProgress:
+    """One bar for the whole sweep: runs done / total (a run's epochs advance it in fractions, for the ETA)."""
+
+    def __init__(self, bar):
+        self.bar, self.task, self.t0, self.part, self.n_run = bar, None, time.perf_counter(), {}, 0
+
+    def __call__(self, kind: str, run, info: dict) -> None:
+        if kind == "plan":
+            self.task = self.bar.add_task("sweep", total=info["total"], completed=info["done"], rate="")
+            return
+        key = None if run is None else (run.config_id, run.seed)
+        label = "" if run is None else f"{run.name} s{run.seed}"
+        if kind == "epoch":
+            step = 0.9 * info["epoch"] / info["epochs"] - self.part.get(key, 0.0)
+            self.part[key] = self.part.get(key, 0.0) + step
+            self.bar.update(self.task, advance=step, rate=self._rate(f"{label}: epoch {info['epoch']}/{info['epochs']}"))
+        elif kind == "stage":
+            self.bar.update(self.task, rate=self._rate(f"{label}: {info['stage']}"))
+        elif kind in ("done", "failed", "busy"):
+            self.n_run += kind == "done"
+            self.bar.update(self.task, advance=1.0 - self.part.pop(key, 0.0), rate=self._rate(f"{label}: {kind}"))
+            if kind == "failed":
+                console.print(f"[red]failed[/] {label}: {info['error']}", highlight=False, soft_wrap=True)
+
+    def _rate(self, text: str) -> str:
+        if not self.n_run:
+            return text
+        return f"{(time.perf_counter() - self.t0) / 60 / self.n_run:5.1f} min/run  {text}"
+
+
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="Sweep YAML (configs/sweeps/): data, extract, fit, seeds, runs/grid."),
+    set_: list[str] = typer.Option([], "--set", help="Override a field: SECTION.KEY=VALUE (data.root=/data, "
+                                   "fit.epochs=2, extract.batch_size=8, seeds=[0,1]); a bare KEY=VALUE is a fit field."),
+    out: Path | None = typer.Option(None, help="Sweep folder (default: the file's `out`, else sweeps/<file name>)."),
+    part: str | None = typer.Option(None, help="Run share I of N (1 <= I <= N), e.g. 2/4; default: the SLURM array "
+                                    "task (SLURM_ARRAY_TASK_ID - MIN) / STEP + 1 of SLURM_ARRAY_TASK_COUNT, else 1/1."),
+    stale: float = typer.Option(600.0, help="Seconds after which a lock no job refreshes (a crashed job's) is taken "
+                                "over."),
+):
+    """Run every configuration of a sweep: extract (one shared cache per encoder) → fit → tune → score; resumable."""
+    from cellembed._config import ConfigError
+    from cellembed.sweep import load_sweep, parse_part, parse_sets, run_sweep
+
+    try:
+        index = parse_part(part, dict(os.environ))
+        plan = load_sweep(sweep_file, parse_sets(set_), out)
+        with _progress_bar() as bar:
+            result = run_sweep(plan, index, on_event=_SweepProgress(bar), stale=stale)
+    except (ConfigError, *USER_ERRORS) as err:
+        _fail(err)
+    table = Table(title=f"sweep {sweep_file} part {index[0]}/{index[1]} in {result.out} ({result.seconds:.0f} s)")
+    for col in ("configuration", "seed", "status"):
+        table.add_column(col)
+    rows = ([(r, "[green]ran[/]") for r in result.ran] + [(r, "done before") for r in result.skipped]
+            + [(r, "[yellow]held by another job[/]") for r in result.busy]
+            + [(r, f"[red]failed[/]: {e}") for r, e in result.failed])
+    for run, status in rows:
+        table.add_row(run.name, str(run.seed), status)
+    _stdout().print(table)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    sweep_dirs: list[Path] = typer.Argument(..., help="Sweep folder(s) written by `cellembed sweep`."),
+    out: Path | None = typer.Option(None, help="Output folder (default SWEEP_DIR/report)."),
+    compare: tuple[str, str] | None = typer.Option(None, help="Two configuration names (or ids) to compare over "
+                                                   "their common seeds: mean difference, sd, paired t-test."),
+    tiles: int = typer.Option(4, min=1, help="Test tiles in the overlay grid."),
+):
+    """Table I over a sweep (mean ± sd over seeds, best marked), a paired test, curves, overlays, an HTML page."""
+    from cellembed.sweep import report as run_report
+
+    try:
+        result = run_report(sweep_dirs, out, compare if compare and compare[0] else None, n_tiles=tiles)
+    except USER_ERRORS as err:
+        _fail(err)
+    _stdout().print((result.out / "table.md").read_text())
+    if result.comparison:
+        _stdout().print((result.out / "compare.md").read_text())
+    console.print(f"[green]wrote[/] {', '.join(str(p) for p in result.files)}")
+
+
 def main() -> None:
     try:
         app()

@@ -1,10 +1,11 @@
-"""Extract one cache per encoder/block configuration of a sweep file (see configs/sweeps/).
+"""Extract the caches of a sweep file without training (see configs/sweeps/ and `cellembed sweep`).
 
-Each run is an ordinary `cellembed extract`: rerunning the sweep skips finished caches and resumes
-interrupted ones. A config that fails (e.g. a gated model without HF_TOKEN) is reported and the sweep
-goes on.
+A thin wrapper over :func:`cellembed.sweep.ensure_caches`: one cache per encoder and split with the union of the
+runs' blocks, in ``<out>/caches/``, exactly where ``cellembed sweep`` looks for them. Rerunning skips finished
+caches and resumes interrupted ones; a config that fails (e.g. a gated model without HF_TOKEN) is reported and
+the others go on.
 
-    python tools/sweep_extract.py configs/sweeps/tiny.yaml --set out=cache/tiny
+    python tools/sweep_extract.py configs/sweeps/tiny.yaml --out sweeps/tiny --set extract.batch_size=4
 """
 
 from __future__ import annotations
@@ -16,47 +17,35 @@ import time
 from rich.console import Console
 from rich.table import Table
 
-from cellembed._config import ConfigError, from_dict, load_yaml
-from cellembed.cache import CacheError, ExtractConfig, extract
-
-
-def parse_sets(pairs: list[str]) -> dict:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--set {pair!r} is not KEY=VALUE")
-        out[key] = int(value) if value.isdigit() else value
-    return out
+from cellembed.cache import CacheError
+from cellembed.sweep import ensure_caches, load_sweep, parse_sets
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep", help="sweep YAML with `common` and `runs`")
-    parser.add_argument("--set", action="append", default=[], help="override a common field, KEY=VALUE")
+    parser.add_argument("sweep", help="sweep YAML (data, extract, fit, seeds, runs / grid)")
+    parser.add_argument("--out", default=None, help="sweep folder (default: as `cellembed sweep`)")
+    parser.add_argument("--set", action="append", default=[], help="override a field, SECTION.KEY=VALUE")
     args = parser.parse_args()
     console = Console()
-    sweep = load_yaml(args.sweep)
-    common = {**sweep.get("common", {}), **parse_sets(args.set)}
-    parent = common.pop("out", "cache/sweep")
-    table = Table(title=f"sweep {args.sweep}")
-    for col in ("encoder", "blocks", "status", "tiles", "encoded", "tiles/s", "cache"):
+    sweep = load_sweep(args.sweep, parse_sets(args.set), args.out)
+    table = Table(title=f"caches of {args.sweep} in {sweep.out}")
+    for col in ("encoder", "blocks", "status", "encoded now", "tiles/s", "cache"):
         table.add_column(col)
     failures = 0
-    for run in sweep["runs"]:
-        out = f"{parent}/{run['encoder']}-{run['blocks']}"
+    for cache in sweep.caches:
         t0 = time.perf_counter()
+        blocks = cache.configs["train"].blocks
         try:
-            cfg = from_dict(ExtractConfig, {**common, **run, "out": out}, args.sweep)
-            result = extract(cfg)
-        except (CacheError, ConfigError, FileNotFoundError, ValueError, RuntimeError, ImportError) as err:
+            results = ensure_caches(sweep, cache)
+        except (CacheError, FileNotFoundError, ValueError, RuntimeError, ImportError, KeyError) as err:
             failures += 1
-            table.add_row(run["encoder"], run["blocks"], f"[red]failed[/]: {err}", "", "", "", out)
+            table.add_row(cache.encoder, blocks, f"[red]failed[/]: {err}", "", "", str(cache.folder))
             continue
-        rate = result.n_written / max(result.encode_seconds, 1e-9)
-        table.add_row(run["encoder"], run["blocks"], "[green]ok[/]", str(result.n_tiles), str(result.n_written),
-                      f"{rate:.1f}", out)
-        console.log(f"{out}: {time.perf_counter() - t0:.1f} s")
+        written = sum(r.n_written for r in results.values())
+        rate = written / max(sum(r.encode_seconds for r in results.values()), 1e-9)
+        table.add_row(cache.encoder, blocks, "[green]ok[/]", str(written), f"{rate:.1f}", str(cache.folder))
+        console.log(f"{cache.folder}: {time.perf_counter() - t0:.1f} s")
     console.print(table)
     return 1 if failures else 0
 

@@ -244,16 +244,21 @@ TYPE_COLOURS = np.array([[255, 255, 255], [230, 25, 75], [60, 180, 75], [255, 22
 def save_overlay(path: Path, image: np.ndarray, pred: np.ndarray, true: np.ndarray, class_names) -> None:
     """Prediction contours coloured by type (left) beside the ground truth's (right)."""
     from PIL import Image
-    from skimage.segmentation import find_boundaries
 
-    panels = []
-    for maps in (pred, true):
-        panel = image.copy()
-        edge = find_boundaries(maps[..., 0], mode="inner")
-        panel[edge] = TYPE_COLOURS[np.minimum(maps[..., 1][edge], len(TYPE_COLOURS) - 1)]
-        panels.append(panel)
+    panels = [draw_contours(image, maps) for maps in (pred, true)]
     gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
     Image.fromarray(np.concatenate([panels[0], gap, panels[1]], 1)).save(path)
+
+
+def draw_contours(image: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """A copy of ``image`` (H, W, 3) uint8 with the instance contours of ``maps`` (H, W, 2: instance, type)
+    drawn in :data:`TYPE_COLOURS` by type."""
+    from skimage.segmentation import find_boundaries
+
+    panel = image.copy()
+    edge = find_boundaries(maps[..., 0], mode="inner")
+    panel[edge] = TYPE_COLOURS[np.minimum(maps[..., 1][edge], len(TYPE_COLOURS) - 1)]
+    return panel
 
 
 def _base_area(post: Postprocess) -> int:
