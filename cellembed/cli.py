@@ -71,6 +71,20 @@ def _progress_bar(disable: bool = False):
                     console=console, transient=False, disable=disable)
 
 
+class _TileRate:
+    """Tiles counted since the last ``restart`` and their rate, as the progress bars show it (" 12.3 tiles/s")."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        self.t0, self.n = time.perf_counter(), 0
+
+    def add(self, n: int) -> str:
+        self.n += n
+        return f"{self.n / max(time.perf_counter() - self.t0, 1e-9):6.1f} tiles/s"
+
+
 class _ExtractProgress:
     """Renders extract progress: tiles done, tiles/s and MB/s written."""
 
@@ -292,12 +306,11 @@ def fit_decoder(
     try:
         with _progress_bar(disable=not main) as bar:
             task = bar.add_task("fit", total=None, rate="")
-            state = {"t0": time.perf_counter(), "n": 0, "epoch": ""}
+            state, tiles = {"epoch": ""}, _TileRate()
 
             def on_step(size):
-                state["n"] += size * world  # every rank steps with the same share of the global batch
-                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
-                bar.update(task, advance=1, rate=f"{rate:6.1f} tiles/s  {state['epoch']}")
+                rate = tiles.add(size * world)  # every rank steps with the same share of the global batch
+                bar.update(task, advance=1, rate=f"{rate}  {state['epoch']}")
 
             def on_epoch(epoch, total, metrics):
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
@@ -332,12 +345,10 @@ def _fit_many(base, variants: list[str]) -> None:
         configs = variant_configs(base, variants)
         with _progress_bar() as bar:
             task = bar.add_task(f"fit x{len(configs)}", total=None, rate="")
-            state = {"t0": time.perf_counter(), "n": 0, "epoch": ""}
+            state, tiles = {"epoch": ""}, _TileRate()
 
             def on_step(size):
-                state["n"] += size
-                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
-                bar.update(task, advance=1, rate=f"{rate:6.1f} tiles/s x {len(configs)} decoders  {state['epoch']}")
+                bar.update(task, advance=1, rate=f"{tiles.add(size)} x {len(configs)} decoders  {state['epoch']}")
 
             def on_epoch(index, epoch, total, metrics):
                 pq = metrics.get("val_pq")
@@ -406,16 +417,15 @@ def search_blocks(
         _fail(err)
     try:
         with _progress_bar() as bar:
-            state = {"task": None, "n": 0, "t0": 0.0, "k": 0}
+            state, tiles = {"task": None, "k": 0}, _TileRate()
 
             def on_round(round_, combos):
                 state.update(task=bar.add_task(f"round {round_}: {len(combos)} decoders", total=None, rate=""),
-                             n=0, t0=time.perf_counter(), k=len(combos))
+                             k=len(combos))
+                tiles.restart()
 
             def on_step(size):
-                state["n"] += size
-                rate = state["n"] / max(time.perf_counter() - state["t0"], 1e-9)
-                bar.update(state["task"], advance=1, rate=f"{rate:6.1f} tiles/s x {state['k']} decoders")
+                bar.update(state["task"], advance=1, rate=f"{tiles.add(size)} x {state['k']} decoders")
 
             result = run_search(cfg, strategy=strategy, budget=budget, max_levels=max_levels, min_gain=min_gain,
                                 on_round=on_round, on_step=on_step)
@@ -534,12 +544,10 @@ def score(
         try:
             with _progress_bar() as bar:
                 task = bar.add_task("score", total=None, rate="")
-                t0 = time.perf_counter()
-                counter = {"n": 0}
+                tiles = _TileRate()
 
                 def progress(n):
-                    counter["n"] += n
-                    bar.update(task, advance=n, rate=f"{counter['n'] / max(time.perf_counter() - t0, 1e-9):6.1f} tiles/s")
+                    bar.update(task, advance=n, rate=tiles.add(n))
 
                 from cellembed.evaluate import score_run
 
