@@ -203,3 +203,13 @@ def test_table_is_mean_and_sd_over_seeds_with_the_best_marked_and_compare_is_pai
     assert pq["p"] == pytest.approx(stats.ttest_rel([0.5, 0.7], [0.4, 0.5]).pvalue)
     with pytest.raises(ValueError, match="matches 0 configurations"):
         compare(records, "a", "zzz")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_sweep_file_resolves(path, tmp_path):
+    """Each file of configs/sweeps/ plans (known encoders, blocks, fields) and its runs read their own caches."""
+    sweep = load_sweep(path, out=tmp_path)
+    assert sweep.runs and sweep.caches
+    assert len({r.folder for r in sweep.runs}) == len(sweep.runs)  # no two runs share a folder
+    for run in sweep.runs:
+        assert run.fit.cache == str(run.cache.paths["train"]) and run.fit.levels
