@@ -534,7 +534,8 @@ def score(
     tta: bool = typer.Option(False, help="With RUN: average the decoder's maps over the 8 flips / quarter turns "
                              "(not in the CISCA / Mind the Gap protocol; CoNSeP: +0.001 PQ, README)."),
 ):
-    """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI."""
+    """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI;
+    a semantic run: Dice and IoU per class and their means."""
     from cellembed.cache import CacheError
     from cellembed.cache._location import location_name
 
@@ -555,8 +556,11 @@ def score(
                                    on_progress=progress, overwrite=overwrite, tta=tta)
         except (CacheError, *USER_ERRORS) as err:
             _fail(err)
-        _print_scores(result.metrics, f"{run.name} on {location_name(cache)} "
-                                      f"({result.metrics['protocol']['n_images']} images)")
+        title = f"{run.name} on {location_name(cache)} ({result.metrics['protocol']['n_images']} images)"
+        if "mdice" in result.metrics["summary"]:
+            _print_semantic(result.metrics, title)
+        else:
+            _print_scores(result.metrics, title)
         console.print(f"[green]wrote[/] {result.out}: predictions.npy, keys.txt, metrics.json, table.md, overlays "
                       f"({result.seconds:.1f} s)")
         return
@@ -639,6 +643,21 @@ def _print_scores(result: dict, title: str) -> None:
             table.add_row(f"pannuke {key}", "-" if value is None else f"{value:.4f}", "mean per tissue, then over tissues")
     if result.get("run"):
         table.add_row("decoder params", f"{result['run']['decoder_parameters']:,}", "trainable")
+    _stdout().print(table)
+
+
+def _print_semantic(result: dict, title: str) -> None:
+    """Dice and IoU per class, then the means (semantic runs)."""
+    table = Table(title=title, caption="pixel counts pooled over the split; means over the classes present")
+    for col in ("class", "Dice", "IoU", "true pixels", "predicted pixels"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for v in result["per_class"].values():
+        table.add_row(v["name"], fmt(v["dice"]), fmt(v["iou"]), f"{v['true']:,}", f"{v['predicted']:,}")
+    s = result["summary"]
+    table.add_row("[b]mean[/]", f"[b]{fmt(s['mdice'])}[/]", f"[b]{fmt(s['miou'])}[/]", "", "")
+    table.add_row("pixel accuracy", fmt(s["pixel_accuracy"]), "", "", "")
+    table.add_row("decoder params", f"{result['run']['decoder_parameters']:,}", "", "", "")
     _stdout().print(table)
 
 

@@ -563,7 +563,7 @@ def _plot_curves(run_dir: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    scores = [k for k in ("val_pq", "val_mpq_plus", "val_miou") if k in history[-1]]
+    scores = [k for k in ("val_pq", "val_mpq_plus", "val_mdice", "val_miou") if k in history[-1]]
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 3.5), squeeze=False)
     for key in ("train_loss", "val_loss"):
         if key in history[-1]:
