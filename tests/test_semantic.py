@@ -62,8 +62,10 @@ def test_reader_reads_the_layout_and_keeps_the_ignore_value(tmp_path):
 
 
 @pytest.mark.parametrize("damage, error, message", [
-    (lambda r: (r / "masks" / "t2.png").unlink(), FileNotFoundError, r"no mask for image .*t2\.png: expected .*masks/t2\.png"),
-    (lambda r: (r / "classes.txt").unlink(), FileNotFoundError, r"missing .*classes\.txt; write one class name per line"),
+    (lambda r: (r / "masks" / "t2.png").unlink(), FileNotFoundError,
+     r"no mask for image .*t2\.png: expected .*masks/t2\.png"),
+    (lambda r: (r / "classes.txt").unlink(), FileNotFoundError,
+     r"missing .*classes\.txt; write one class name per line"),
     (lambda r: Image.fromarray(np.zeros((16, 32), np.uint8)).save(r / "masks" / "t2.png"), ValueError,
      r"masks/t2\.png: mask is \(16, 32\), expected \(32, 32\)"),
     (lambda r: Image.fromarray(np.full((32, 32), 7, np.uint8)).save(r / "masks" / "t2.png"), ValueError,
@@ -82,7 +84,8 @@ def test_dice_and_iou_pool_pixel_counts_over_the_split():
     true = np.array([[[0, 0, 1, 1], [0, 0, 1, 1]], [[2, 2, 2, 2], [0, IGNORE, IGNORE, 1]]])
     pred = np.array([[[0, 1, 1, 1], [0, 0, 1, 1]], [[2, 2, 1, 1], [0, 2, 2, 1]]])
     counts = class_pixel_counts(pred, true, 3)
-    # ignored pixels count nowhere; class 0: true 5, predicted 4, both 4; class 1: true 5, predicted 8, both 5; class 2: true 4, predicted 2, both 2
+    # ignored pixels count nowhere; class 0: true 5, predicted 4, both 4; class 1: true 5, predicted 8, both 5;
+    # class 2: true 4, predicted 2, both 2
     assert counts.tolist() == [[4, 4, 5], [5, 8, 5], [2, 2, 4]]
     scores = semantic_scores(counts, CLASSES)
     dice = [2 * 4 / 9, 2 * 5 / 13, 2 * 2 / 6]
@@ -193,3 +196,23 @@ def test_score_cli_prints_the_dice_table(semantic_sweep, tmp_path):
     assert res.exit_code == 0, res.output
     assert "Dice" in res.output and "tumour" in res.output and "mean" in res.output
     assert len(list((tmp_path / "s").glob("overlay_*.png"))) == 2
+
+
+def test_a_mixed_instance_and_semantic_report_has_both_column_sets(semantic_sweep, tmp_path):
+    from cellembed.sweep import load_sweep, report, run_sweep
+
+    path = tmp_path / "instance.yaml"
+    path.write_text("data: {dataset: synthetic, scheme: cisca, dataset_options: {n_tiles: 10, size: 64}}\n"
+                    "extract: {weights: random, num_workers: 0, device: cpu}\n"
+                    "fit: {epochs: 1, batch_size: 4, memory: ram, num_workers: 0, device: cpu, refine: false}\n"
+                    "runs: [{encoder: test_vit, blocks: deep}]\n")
+    done = run_sweep(load_sweep(path, out=tmp_path / "instance"))
+    assert not done.failed, [str(e) for _, e in done.failed]
+    result = report([semantic_sweep[0], tmp_path / "instance"], tmp_path / "report")
+    head = (tmp_path / "report" / "table.md").read_text().splitlines()[0]
+    assert "| PQ |" in head and "| mDice |" in head and "Dice stroma" in head
+    assert {r["dataset"] for r in result.rows} == {"semantic_folder", "synthetic"}
+    for name in ("curves.png", "overlays.png", "overlays_semantic.png"):
+        assert (tmp_path / "report" / name).stat().st_size > 0
+    html = (tmp_path / "report" / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3 and "Semantic runs: Dice" in html

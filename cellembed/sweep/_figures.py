@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cellembed.sweep._report import (AVERAGING, Record, collect, compare, compare_markdown, table, table_markdown,
-                                     write_csv)
+from cellembed.sweep._report import (AVERAGING, Record, _label, averaging, collect, compare, compare_markdown, table,
+                                     table_markdown, write_csv)
 
 
 def _plt():
@@ -33,7 +33,7 @@ def curves_figure(records: list[Record], path: Path) -> Path:
     styles = ["-", "--", ":", "-."]
     scores = sorted({r.score_key for r in records})
     keys = [("train_loss", "training loss"), ("val_loss", "validation loss"),
-            (None, "validation " + ", ".join(k.removeprefix("val_") for k in scores))]
+            (None, "validation " + ", ".join(_label(k.removeprefix("val_")) for k in scores))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in records:
         c, s = configs.index(r.config_id), seeds.index(r.seed)
@@ -78,7 +78,8 @@ def overlay_figure(records: list[Record], path: Path, n_tiles: int = 4) -> Path:
     runs = list(first.values())
     cache = open_cache(runs[0].test_cache)
     tiles = lambda: (s for p in cache.shard_paths for s in cache.iter_shard(p, level_names=[]))  # noqa: E731
-    nuclei = {s.key: len(np.unique(s.type_map if semantic else s.inst_map)) for s in tiles()}  # no features decoded; two passes keep memory low
+    # no features decoded; two passes keep memory low
+    nuclei = {s.key: len(np.unique(s.type_map if semantic else s.inst_map)) for s in tiles()}
     keys = sorted(nuclei, key=lambda k: -nuclei[k])[:n_tiles]
     cache = {s.key: s for s in tiles() if s.key in keys}
     preds = {}
@@ -131,8 +132,9 @@ def _html_table(markdown: str) -> str:
     return "<table>" + "".join(body) + "</table>"
 
 
-def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:
-    """One self-contained page: markdown tables as HTML, notes as paragraphs, PNGs embedded as base64."""
+def html_page(title: str, sections: list[tuple[str, str]], images: list[Path], footer: str = AVERAGING) -> str:
+    """One self-contained page: markdown tables as HTML, notes as paragraphs, PNGs embedded as base64, then
+    ``footer`` (the averaging note)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}td:first-child,td:nth-child(2)"
@@ -144,7 +146,7 @@ def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -
     for image in images:
         data = base64.b64encode(image.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(image.stem)}</h2><img src='data:image/png;base64,{data}'>")
-    parts.append(f"<p><small>{html.escape(AVERAGING)}</small></p></body></html>")
+    parts.append(f"<p><small>{html.escape(footer)}</small></p></body></html>")
     return "\n".join(parts)
 
 
@@ -198,5 +200,5 @@ def report(sweep_dirs: list[str | Path], out: str | Path | None = None, compare_
         images.append(overlay_figure(semantic, out / ("overlays_semantic.png" if instance else "overlays.png"),
                                      n_tiles))
     (out / "report.html").write_text(html_page(f"cellembed sweep report: {', '.join(map(str, sweep_dirs))}",
-                                               sections, images))
+                                               sections, images, averaging(keys)))
     return Report(out, files + images + [out / "report.html"], rows, comparison)

@@ -17,14 +17,25 @@ from typing import NamedTuple
 
 import numpy as np
 
-AVERAGING = ("Each run: PQ, DQ, SQ and AJI are means over the test images with at least one true nucleus; "
-             "per-class PQ and mPQ+ pool TP/FP/FN/IoU per class over the whole test split (mPQ+ = mean of the "
-             "class PQs, CoNIC). Each cell: mean ± sample sd (ddof = 1) over the seeds of one configuration "
-             "(n = number of seeds); best mean per column in bold (per dataset; none where all tie). Paired comparisons: per-seed "
-             "differences A − B over the seeds both have, their mean and sd, and a two-sided paired t-test.")
+INSTANCE_AVERAGING = ("Each run: PQ, DQ, SQ and AJI are means over the test images with at least one true nucleus; "
+                      "per-class PQ and mPQ+ pool TP/FP/FN/IoU per class over the whole test split (mPQ+ = mean of "
+                      "the class PQs, CoNIC).")
 SEMANTIC_AVERAGING = ("Semantic runs: Dice and IoU per class from pixel counts summed over the whole test split "
                       "(ignored pixels left out); mDice / mIoU = unweighted mean over the classes present in the "
                       "ground truth or the prediction, class 0 included (FM benchmark: mean over classes).")
+SEED_AVERAGING = ("Each cell: mean ± sample sd (ddof = 1) over the seeds of one configuration "
+                  "(n = number of seeds); best mean per column in bold (per dataset; none where all tie). Paired "
+                  "comparisons: per-seed differences A − B over the seeds both have, their mean and sd, and a "
+                  "two-sided paired t-test.")
+AVERAGING = f"{INSTANCE_AVERAGING} {SEED_AVERAGING}"
+
+
+def averaging(keys: list[str]) -> str:
+    """The averaging note of a table with these metric keys (instance and / or semantic columns)."""
+    parts = [INSTANCE_AVERAGING] if "pq" in keys or "mdice" not in keys else []
+    return " ".join(parts + ([SEMANTIC_AVERAGING] if "mdice" in keys else []) + [SEED_AVERAGING])
+
+
 COLUMNS = (("pq", "PQ"), ("mpq_plus", "mPQ+"), ("aji", "AJI"), ("dq", "DQ"), ("sq", "SQ"))
 SEMANTIC_COLUMNS = (("mdice", "mDice"), ("miou", "mIoU"))
 
@@ -153,8 +164,7 @@ def table_markdown(keys: list[str], rows: list[dict]) -> str:
     lines = [head, "|---|---|---|" + "---:|" * len(keys)]
     lines += [f"| {r['dataset']} | {r['name']} | {len(r['seeds'])} | "
               + " | ".join(_cell(r[k], k in r["best"]) for k in keys) + " |" for r in rows]
-    notes = [AVERAGING] + ([SEMANTIC_AVERAGING] if "mdice" in keys else [])
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return "\n".join(lines) + f"\n\n{averaging(keys)}\n"
 
 
 def write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:
