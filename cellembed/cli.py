@@ -220,7 +220,8 @@ def fit_decoder(
     decoder: str = typer.Option("unetr", help="unetr (Mind the Gap) | light (FM benchmark, ~2.6 M parameters)"),
     head: str = typer.Option("cisca", help="cisca | hovernet | semantic"),
     loss: str = typer.Option("mindthegap-msge", help="mindthegap-msge (Mind the Gap's + the MSGE of the directional "
-                             "maps) | mindthegap | cisca (CISCA's exact weighting)"),
+                             "maps) | mindthegap | cisca (CISCA's exact weighting) | semantic (CE + Dice; the "
+                             "semantic head uses it whatever is named)"),
     epochs: int = typer.Option(20, min=1, help="Epochs (Mind the Gap: 100 at --lr 1e-4 --batch-size 16)."),
     batch_size: int = typer.Option(4, min=1, help="Global batch: under torchrun each of the N processes takes "
                                    "batch-size / N per step (must divide), so N processes train like one with this "
@@ -314,7 +315,8 @@ def fit_decoder(
 
             def on_epoch(epoch, total, metrics):
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                  if k in ("train_loss", "val_loss", "val_pq", "val_mpq_plus") and v is not None)
+                                  if k in ("train_loss", "val_loss", "val_pq", "val_mpq_plus", "val_mdice")
+                                  and v is not None)
                 state["epoch"] = f"epoch {epoch}/{total}  {shown}"
                 bar.update(task, description="fit", rate=state["epoch"])
 

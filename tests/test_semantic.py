@@ -121,7 +121,7 @@ data:
   dataset: semantic_folder
   root: {root}
 extract: {{weights: random, batch_size: 8, num_workers: 0, shard_size: 8, device: cpu}}
-fit: {{decoder: light, head: semantic, loss: mindthegap, best_metric: mdice, epochs: 2, batch_size: 4, lr: 3.0e-3,
+fit: {{decoder: light, head: semantic, loss: semantic, best_metric: mdice, epochs: 2, batch_size: 4, lr: 3.0e-3,
       memory: ram, num_workers: 0, device: cpu}}
 seeds: [0, 1]
 runs:
@@ -216,3 +216,26 @@ def test_a_mixed_instance_and_semantic_report_has_both_column_sets(semantic_swee
         assert (tmp_path / "report" / name).stat().st_size > 0
     html = (tmp_path / "report" / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3 and "Semantic runs: Dice" in html
+
+
+def test_fm_benchmark_sweep_plans_fifteen_encoders_at_their_last_block(tmp_path):
+    from cellembed.encoders import get_spec
+    from cellembed.sweep import load_sweep
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "sweeps" / "fm_benchmark.yaml"
+    sweep = load_sweep(path, out=tmp_path)
+    assert len(sweep.caches) == 15 and len(sweep.runs) == 45 and {r.seed for r in sweep.runs} == {0, 1, 2}
+    for run in sweep.runs:
+        assert run.fit.levels == f"block_{get_spec(run.cache.encoder).depth - 1}"
+        assert (run.fit.decoder, run.fit.head, run.fit.loss, run.fit.best_metric) == ("light", "semantic",
+                                                                                      "semantic", "mdice")
+    assert {c.configs["train"].dataset for c in sweep.caches} == {"semantic_folder"}
+
+
+def test_semantic_loss_name_needs_the_semantic_head(tmp_path):
+    from cellembed.train import FitConfig
+    from cellembed.train._fit import _check_config
+
+    _check_config(FitConfig(out=str(tmp_path), cache="c", head="semantic", loss="semantic"))
+    with pytest.raises(ValueError, match="loss 'semantic' .* is the semantic head's loss"):
+        _check_config(FitConfig(out=str(tmp_path), cache="c", head="cisca", loss="semantic"))

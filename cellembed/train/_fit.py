@@ -33,7 +33,7 @@ from cellembed.train._checkpoint import apply_state, read_state, save_model, sav
 from cellembed.train._validate import validate
 
 SOURCES = ("cache", "live")
-LOSSES = ("mindthegap", "mindthegap-msge", "cisca")
+LOSSES = ("mindthegap", "mindthegap-msge", "cisca", "semantic")  # semantic: CE + Dice, the semantic head's only loss
 RUN_FILES = ("last.json", "metrics.jsonl", "model.safetensors", "curves.png")
 # the config fields that may change when an interrupted run is resumed
 RESUME_FREE = ("overwrite", "num_workers", "device", "memory", "val_cache", "tune")
@@ -292,6 +292,9 @@ def _check_config(c: FitConfig) -> None:
     for name, value, valid in checks:
         if value not in valid:
             raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    if c.loss == "semantic" and c.head != "semantic":
+        raise ValueError(f"loss 'semantic' (CE + Dice over classes) is the semantic head's loss; the {c.head} head "
+                         "takes mindthegap, mindthegap-msge or cisca")
     if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0 or not 0 < c.warmup < 1:
         raise ValueError("epochs and batch size must be >= 1, lr > 0 and warmup in (0, 1)")
     if c.patience is not None and c.patience < 1:
