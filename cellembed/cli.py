@@ -119,7 +119,7 @@ def extract(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, help="YAML file with any of these options (field names of "
                                           "cellembed.cache.ExtractConfig); options given here win."),
-    dataset: str | None = typer.Option(None, help="pannuke | conic | cytodark0 | folder | synthetic [required]"),
+    dataset: str | None = typer.Option(None, help="pannuke | conic | cytodark0 | folder | semantic_folder | synthetic [required]"),
     out: Path | None = typer.Option(None, help="Cache directory to write. [required]"),
     encoder: str | None = typer.Option(None, help="Encoder preset (see `cellembed encoders`). [required]"),
     root: Path | None = typer.Option(None, help="Dataset root (not needed for synthetic)."),
@@ -275,7 +275,7 @@ def fit_decoder(
     overwrite: bool = typer.Option(False, help="Replace another run in --out."),
     source: str = typer.Option("cache", help="cache | live (the encoder runs in the loop; needs --dataset, "
                                "--encoder)"),
-    dataset: str | None = typer.Option(None, help="live: pannuke | conic | cytodark0 | folder | synthetic"),
+    dataset: str | None = typer.Option(None, help="live: pannuke | conic | cytodark0 | folder | semantic_folder | synthetic"),
     root: Path | None = typer.Option(None, help="live: dataset root."),
     split: str = typer.Option("train", help="live: the training split."),
     folds: Path | None = typer.Option(None, help="live: a folds.csv."),
