@@ -119,7 +119,8 @@ def extract(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, help="YAML file with any of these options (field names of "
                                           "cellembed.cache.ExtractConfig); options given here win."),
-    dataset: str | None = typer.Option(None, help="pannuke | conic | cytodark0 | folder | semantic_folder | synthetic [required]"),
+    dataset: str | None = typer.Option(None, help="pannuke | conic | cytodark0 | folder | semantic_folder | "
+                                       "synthetic [required]"),
     out: Path | None = typer.Option(None, help="Cache directory to write. [required]"),
     encoder: str | None = typer.Option(None, help="Encoder preset (see `cellembed encoders`). [required]"),
     root: Path | None = typer.Option(None, help="Dataset root (not needed for synthetic)."),
