@@ -119,7 +119,8 @@ def extract(
     ctx: typer.Context,
     config: Path | None = typer.Option(None, help="YAML file with any of these options (field names of "
                                           "cellembed.cache.ExtractConfig); options given here win."),
-    dataset: str | None = typer.Option(None, help="pannuke | conic | cytodark0 | folder | synthetic [required]"),
+    dataset: str | None = typer.Option(None, help="pannuke | conic | cytodark0 | folder | semantic_folder | "
+                                       "synthetic [required]"),
     out: Path | None = typer.Option(None, help="Cache directory to write. [required]"),
     encoder: str | None = typer.Option(None, help="Encoder preset (see `cellembed encoders`). [required]"),
     root: Path | None = typer.Option(None, help="Dataset root (not needed for synthetic)."),
@@ -220,7 +221,8 @@ def fit_decoder(
     decoder: str = typer.Option("unetr", help="unetr (Mind the Gap) | light (FM benchmark, ~2.6 M parameters)"),
     head: str = typer.Option("cisca", help="cisca | hovernet | semantic"),
     loss: str = typer.Option("mindthegap-msge", help="mindthegap-msge (Mind the Gap's + the MSGE of the directional "
-                             "maps) | mindthegap | cisca (CISCA's exact weighting)"),
+                             "maps) | mindthegap | cisca (CISCA's exact weighting) | semantic (CE + Dice; the "
+                             "semantic head uses it whatever is named)"),
     epochs: int = typer.Option(20, min=1, help="Epochs (Mind the Gap: 100 at --lr 1e-4 --batch-size 16)."),
     batch_size: int = typer.Option(4, min=1, help="Global batch: under torchrun each of the N processes takes "
                                    "batch-size / N per step (must divide), so N processes train like one with this "
@@ -274,7 +276,7 @@ def fit_decoder(
     overwrite: bool = typer.Option(False, help="Replace another run in --out."),
     source: str = typer.Option("cache", help="cache | live (the encoder runs in the loop; needs --dataset, "
                                "--encoder)"),
-    dataset: str | None = typer.Option(None, help="live: pannuke | conic | cytodark0 | folder | synthetic"),
+    dataset: str | None = typer.Option(None, help="live: pannuke | conic | cytodark0 | folder | semantic_folder | synthetic"),
     root: Path | None = typer.Option(None, help="live: dataset root."),
     split: str = typer.Option("train", help="live: the training split."),
     folds: Path | None = typer.Option(None, help="live: a folds.csv."),
@@ -314,7 +316,8 @@ def fit_decoder(
 
             def on_epoch(epoch, total, metrics):
                 shown = "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                  if k in ("train_loss", "val_loss", "val_pq", "val_mpq_plus") and v is not None)
+                                  if k in ("train_loss", "val_loss", "val_pq", "val_mpq_plus", "val_mdice")
+                                  and v is not None)
                 state["epoch"] = f"epoch {epoch}/{total}  {shown}"
                 bar.update(task, description="fit", rate=state["epoch"])
 
@@ -534,7 +537,8 @@ def score(
     tta: bool = typer.Option(False, help="With RUN: average the decoder's maps over the 8 flips / quarter turns "
                              "(not in the CISCA / Mind the Gap protocol; CoNSeP: +0.001 PQ, README)."),
 ):
-    """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI."""
+    """Score a run on a test cache (RUN --cache), or any two label arrays (--pred --true): official PQ, mPQ+, AJI;
+    a semantic run: Dice and IoU per class and their means."""
     from cellembed.cache import CacheError
     from cellembed.cache._location import location_name
 
@@ -555,8 +559,11 @@ def score(
                                    on_progress=progress, overwrite=overwrite, tta=tta)
         except (CacheError, *USER_ERRORS) as err:
             _fail(err)
-        _print_scores(result.metrics, f"{run.name} on {location_name(cache)} "
-                                      f"({result.metrics['protocol']['n_images']} images)")
+        title = f"{run.name} on {location_name(cache)} ({result.metrics['protocol']['n_images']} images)"
+        if "mdice" in result.metrics["summary"]:
+            _print_semantic(result.metrics, title)
+        else:
+            _print_scores(result.metrics, title)
         console.print(f"[green]wrote[/] {result.out}: predictions.npy, keys.txt, metrics.json, table.md, overlays "
                       f"({result.seconds:.1f} s)")
         return
@@ -639,6 +646,21 @@ def _print_scores(result: dict, title: str) -> None:
             table.add_row(f"pannuke {key}", "-" if value is None else f"{value:.4f}", "mean per tissue, then over tissues")
     if result.get("run"):
         table.add_row("decoder params", f"{result['run']['decoder_parameters']:,}", "trainable")
+    _stdout().print(table)
+
+
+def _print_semantic(result: dict, title: str) -> None:
+    """Dice and IoU per class, then the means (semantic runs)."""
+    table = Table(title=title, caption="pixel counts pooled over the split; means over the classes present")
+    for col in ("class", "Dice", "IoU", "true pixels", "predicted pixels"):
+        table.add_column(col, justify="left" if col == "class" else "right")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
+    for v in result["per_class"].values():
+        table.add_row(v["name"], fmt(v["dice"]), fmt(v["iou"]), f"{v['true']:,}", f"{v['predicted']:,}")
+    s = result["summary"]
+    table.add_row("[b]mean[/]", f"[b]{fmt(s['mdice'])}[/]", f"[b]{fmt(s['miou'])}[/]", "", "")
+    table.add_row("pixel accuracy", fmt(s["pixel_accuracy"]), "", "", "")
+    table.add_row("decoder params", f"{result['run']['decoder_parameters']:,}", "", "", "")
     _stdout().print(table)
 
 

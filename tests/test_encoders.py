@@ -136,6 +136,7 @@ def test_resolve_blocks_forms_and_errors():
     assert resolve_blocks(vit, "all") == tuple(range(24))  # every block of a ViT, every stage end otherwise
     assert resolve_blocks(cnx, "all") == (2, 5, 32, 35)
     assert resolve_blocks(get_spec("efficientnet_lite0_in1k"), "all") == (0, 2, 4, 7, 10, 14, 15)
+    assert resolve_blocks(vit, "last") == (23,) and resolve_blocks(cnx, "last") == (35,)  # the FM benchmark's
     with pytest.raises(ValueError, match="presets: shallow=.*deep=.*mixed="):
         resolve_blocks(vit, "medium")
     with pytest.raises(ValueError, match="out of range 0..23"):

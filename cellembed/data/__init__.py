@@ -8,13 +8,15 @@
     >>> resolve_split(source, "test").scheme
     'cisca'
 
-Readers (``DATASETS``): ``pannuke``, ``conic``, ``cytodark0``, ``folder``, ``synthetic``; each returns a
+Readers (``DATASETS``): ``pannuke``, ``conic``, ``cytodark0``, ``folder``, ``semantic_folder`` (tissue classes per
+pixel, ``IGNORE`` = 255 unlabelled), ``synthetic``; each returns a
 ``TileSource`` (random access, picklable, lazily opened) yielding ``Tile`` tuples.
 """
 
 from ._base import DATASETS, Tile, TileSource, open_dataset, relabel
 from ._folder import FolderSource, write_folder_dataset
 from ._readers import CoNICSource, CytoDArk0Source, PanNukeSource, combine_pannuke_channels
+from ._semantic import IGNORE, SemanticFolderSource
 from ._splits import SPLIT_SCHEMES, SplitSelection, read_folds_csv, resolve_split
 from ._synthetic import (NUCLEUS_TYPES, SyntheticSource, make_synthetic_tile, synthetic_class_names,
                          write_synthetic_dataset)
@@ -39,5 +41,7 @@ __all__ = [
     "CoNICSource",
     "CytoDArk0Source",
     "FolderSource",
+    "SemanticFolderSource",
+    "IGNORE",
     "SyntheticSource",
 ]

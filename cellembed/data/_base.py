@@ -49,11 +49,12 @@ class TileSource:
     Attributes:
         name: dataset name as registered in ``DATASETS``.
         keys: unique tile keys in dataset order.
-        class_names: type names; index 0 is ``"background"``.
+        class_names: type names; index 0 is ``"background"`` (semantic datasets: any class name).
         root: dataset folder, or None for generated data.
     """
 
     name = "base"
+    first_is_background = True  # nucleus datasets: class 0 is "background"; semantic datasets: any class
 
     def __init__(self, root: Path | None, keys: Sequence[str], class_names: Sequence[str]):
         self.root = root
@@ -61,7 +62,7 @@ class TileSource:
         self.class_names = tuple(str(c) for c in class_names)
         self._lazy: dict[str, Any] = {}
         _check_unique(self.keys, self.name)
-        if not self.class_names or self.class_names[0] != "background":
+        if not self.class_names or (self.first_is_background and self.class_names[0] != "background"):
             raise ValueError(f"{self.name}: class_names must start with 'background', got {self.class_names}")
 
     def __len__(self) -> int:

@@ -192,7 +192,8 @@ def resolve_blocks(spec: EncoderSpec, blocks: str | Sequence[int] = "default") -
     Args:
         spec: the encoder preset.
         blocks: "default", a preset name ("shallow", "deep", "mixed", "stages"), "all" (every block; every stage
-            end for hierarchical models), a comma list "2,5,10,20" or a sequence of ints.
+            end for hierarchical models), "last" (the last block: depth - 1, or the last stage end), a comma list
+            "2,5,10,20" or a sequence of ints.
 
     Returns:
         Sorted, unique indices within 0..depth-1 (stage ends only, for hierarchical models).
@@ -205,6 +206,8 @@ def resolve_blocks(spec: EncoderSpec, blocks: str | Sequence[int] = "default") -
         key = spec.default_blocks if blocks == "default" else blocks.strip()
         if key == "all":  # every block (ViTs) or every stage end (hierarchical models): level subsets at fit time
             return tuple(spec.stage_ends) if spec.stage_ends else tuple(range(spec.depth))
+        if key == "last" and "last" not in spec.block_presets:  # the FM benchmark's last-layer features
+            return (spec.stage_ends[-1] if spec.stage_ends else spec.depth - 1,)
         if key in spec.block_presets:
             return tuple(spec.block_presets[key])
         if not re.fullmatch(r"\s*-?\d+\s*(,\s*-?\d+\s*)*,?\s*", key):
@@ -229,4 +232,4 @@ def resolve_blocks(spec: EncoderSpec, blocks: str | Sequence[int] = "default") -
 
 def _preset_help(spec: EncoderSpec) -> str:
     names = ", ".join(f"{k}={list(v)}" for k, v in spec.block_presets.items())
-    return f"presets: {names}; all; or indices like '2,5,10,20'"
+    return f"presets: {names}; all; last; or indices like '2,5,10,20'"

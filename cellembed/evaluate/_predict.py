@@ -138,24 +138,73 @@ def true_maps(batch) -> np.ndarray:
     return np.stack([inst, types], -1)
 
 
+SEMANTIC_IGNORE = 255
+"""Ground-truth value of unlabelled pixels (``cellembed.data.IGNORE``): counted in no class."""
+
+
 def semantic_counts(maps: dict[str, np.ndarray], batch, num_classes: int) -> np.ndarray:
-    """(K, 3) pixel counts (intersection, predicted, true) per class of a semantic batch."""
-    pred = maps["semantic"].argmax(1)
-    true = batch.targets["semantic"].cpu().numpy()
+    """(K, 3) pixel counts (intersection, predicted, true) per class of a semantic batch (ignored pixels left out)."""
+    return class_pixel_counts(maps["semantic"].argmax(1), batch.targets["semantic"].cpu().numpy(), num_classes)
+
+
+def class_pixel_counts(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """Per-class pixel counts of class maps.
+
+    Args:
+        pred: (..., H, W) integer predicted classes 0..K-1.
+        true: same shape, ground-truth classes 0..K-1, or ``SEMANTIC_IGNORE`` (those pixels are not counted,
+            in the prediction either).
+        num_classes: K.
+
+    Returns:
+        (K, 3) int64: intersection |P ∩ T|, predicted |P|, true |T| of every class.
+    """
+    valid = true != SEMANTIC_IGNORE
+    p, t = pred[valid].astype(np.int64), true[valid].astype(np.int64)
     out = np.zeros((num_classes, 3), np.int64)
-    for c in range(num_classes):
-        p, t = pred == c, true == c
-        out[c] = (p & t).sum(), p.sum(), t.sum()
+    out[:, 0] = np.bincount(t[p == t], minlength=num_classes)[:num_classes]
+    out[:, 1] = np.bincount(p, minlength=num_classes)[:num_classes]
+    out[:, 2] = np.bincount(t, minlength=num_classes)[:num_classes]
     return out
+
+
+def semantic_scores(counts: np.ndarray, class_names) -> dict:
+    """Dice and IoU per class and their means, from pixel counts pooled over a whole split.
+
+    Dice_c = 2 |P_c ∩ T_c| / (|P_c| + |T_c|) and IoU_c = |P_c ∩ T_c| / |P_c ∪ T_c|, the counts summed over every
+    pixel of every image first (not a mean of per-image scores). Every class of ``class_names`` counts, class 0
+    too (whether or not it is a background); a class absent from both the ground truth and the prediction has
+    no score (None) and is left out of the means. mDice / mIoU = unweighted mean over the scored classes (the FM
+    benchmark's "mean over classes"). Ignored pixels (``SEMANTIC_IGNORE``) are in no count.
+
+    Args:
+        counts: (K, 3) from :func:`class_pixel_counts` (intersection, predicted, true), summed over the split.
+        class_names: the K class names.
+
+    Returns:
+        ``{"summary": {"mdice", "miou", "pixel_accuracy"}, "per_class": {"<id>": {"name", "dice", "iou",
+        "intersection", "predicted", "true"}}}``.
+    """
+    counts = np.asarray(counts, np.int64)
+    per_class, dice, iou = {}, [], []
+    for c, (inter, pred, true) in enumerate(counts.tolist()):
+        d = 2 * inter / (pred + true) if pred + true else None
+        j = inter / (pred + true - inter) if pred + true else None
+        if d is not None:
+            dice.append(d)
+            iou.append(j)
+        per_class[str(c)] = {"name": str(class_names[c]) if c < len(class_names) else str(c), "dice": d, "iou": j,
+                             "intersection": inter, "predicted": pred, "true": true}
+    total = int(counts[:, 2].sum())
+    summary = {"mdice": float(np.mean(dice)) if dice else None, "miou": float(np.mean(iou)) if iou else None,
+               "pixel_accuracy": int(counts[:, 0].sum()) / total if total else None}
+    return {"summary": summary, "per_class": per_class}
 
 
 def semantic_summary(counts: np.ndarray) -> dict:
     """Mean IoU and mean Dice over the classes present in the ground truth or the prediction."""
-    inter, pred, true = counts[:, 0].astype(float), counts[:, 1].astype(float), counts[:, 2].astype(float)
-    seen = (pred + true) > 0
-    iou = inter[seen] / (pred + true - inter)[seen]
-    dice = 2 * inter[seen] / (pred + true)[seen]
-    return {"miou": float(iou.mean()) if seen.any() else None, "mdice": float(dice.mean()) if seen.any() else None}
+    s = semantic_scores(counts, [str(c) for c in range(len(counts))])["summary"]
+    return {"miou": s["miou"], "mdice": s["mdice"]}
 
 
 def iter_predictions(model, loader, device, post: Postprocess) -> Iterator[tuple[object, dict, np.ndarray]]:

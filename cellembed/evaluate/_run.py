@@ -16,9 +16,12 @@ import torch
 from cellembed.cache._manifest import CacheError, write_json_atomic
 from cellembed.evaluate._predict import (
     INSTANCE_HEADS,
+    SEMANTIC_IGNORE,
     Postprocess,
     batch_instances,
+    class_pixel_counts,
     decoder_maps,
+    semantic_scores,
     true_maps,
 )
 
@@ -36,7 +39,8 @@ class Run(NamedTuple):
 
     @property
     def num_classes(self) -> int:
-        return len(self.record["class_names"]) - 1
+        """Nucleus classes besides background; for the semantic head, every class."""
+        return len(self.record["class_names"]) - (0 if self.post.head == "semantic" else 1)
 
 
 def load_run(path: str | Path, device: torch.device | str = "cpu") -> Run:
@@ -130,6 +134,11 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
     gives the tile keys in the same order), ``metrics.json`` (the ``cellembed score --pred/--true`` layout
     plus ``run`` and ``protocol``), ``table.md`` (Mind the Gap's Table I columns) and ``overlay_*.png``.
 
+    A run of the ``semantic`` head writes ``predictions.npy`` as (N, T, T) uint8 classes and ``metrics.json``
+    as :func:`~cellembed.evaluate._predict.semantic_scores` gives it: Dice and IoU per class from pixel counts
+    summed over the whole test split (not averaged per image), mDice / mIoU the unweighted mean over the classes
+    present in the ground truth or the prediction, every class counted (class 0 too), pixels of value 255 ignored.
+
     Args:
         run_path: a directory written by ``cellembed fit-decoder``.
         cache_path: a test cache from the same encoder, blocks and input policy.
@@ -148,9 +157,6 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
     t0 = time.perf_counter()
     dev = _device(device)
     run = load_run(run_path, dev)
-    if run.post.head not in INSTANCE_HEADS:
-        raise ValueError(f"{run.path}: `cellembed score` scores instance heads (cisca, hovernet); this run has "
-                         f"the {run.post.head} head")
     cache = open_cache(cache_path)
     loader = _loader(run, cache, dev, batch_size, num_workers, "test cache")
     out = Path(out) if out else run.path / f"score-{location_name(cache_path)}"
@@ -162,6 +168,9 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
     from cellembed.cache._stream import epoch_order
 
     order = epoch_order(loader.spec(0))
+    if run.post.head not in INSTANCE_HEADS:
+        scores = _score_semantic(run, cache, loader, order, out, dev, tta, n_overlays, on_progress)
+        return ScoreResult(out, scores, time.perf_counter() - t0)
     n, size = len(cache), run.record["tile_size"]
     preds = np.lib.format.open_memmap(out / ".predictions.npy.tmp", "w+", np.int32, (n, size, size, 2))
     counts: list = [None] * n
@@ -201,6 +210,78 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
     for i, (image, pred, true) in sorted(overlays.items()):
         save_overlay(out / f"overlay_{keys[i]}.png", image, pred, true, run.record["class_names"])
     return ScoreResult(out, scores, time.perf_counter() - t0)
+
+
+def _score_semantic(run: Run, cache, loader, order: list[int], out: Path, dev, tta: bool, n_overlays: int,
+                    on_progress: ProgressFn | None) -> dict:
+    """``score`` for the semantic head: (N, T, T) uint8 class predictions, Dice / IoU per class from pixel counts
+    pooled over the split (``semantic_scores``), ``table.md`` and class overlays."""
+    n, size = len(cache), run.record["tile_size"]
+    names = run.record["class_names"]
+    k = run.record["decoder"]["num_classes"]
+    preds = np.lib.format.open_memmap(out / ".predictions.npy.tmp", "w+", np.uint8, (n, size, size))
+    keys: list = [None] * n
+    counts, overlays, done = np.zeros((k, 3), np.int64), {}, 0
+    for batch in loader:
+        _, maps = decoder_maps(run.model, batch, dev, tta=tta)
+        pred, true = maps["semantic"].argmax(1).astype(np.uint8), batch.targets["semantic"].cpu().numpy()
+        counts += class_pixel_counts(pred, true, k)
+        for j, key in enumerate(batch.keys):
+            i = order[done + j]
+            preds[i], keys[i] = pred[j], key
+            if len(overlays) < n_overlays:
+                overlays[i] = (batch.image[j].permute(1, 2, 0).cpu().numpy(), pred[j], true[j])
+        done += len(batch.keys)
+        if on_progress:
+            on_progress(len(batch.keys))
+    preds.flush()
+    del preds
+    (out / ".predictions.npy.tmp").replace(out / "predictions.npy")
+    (out / "keys.txt").write_text("\n".join(keys) + "\n")
+    scores = semantic_scores(counts, names)
+    scores["run"] = _run_info(run, cache)
+    scores["protocol"] = {
+        "dice": "per class 2|P∩T| / (|P| + |T|) from pixel counts summed over the whole test split",
+        "iou": "per class |P∩T| / |P∪T| from the same pooled counts",
+        "mean": "mdice / miou: unweighted mean over every class of classes.txt (class 0 included) present in "
+                "the ground truth or the prediction (FM benchmark: mean over classes)",
+        "ignore": f"ground-truth pixels of value {SEMANTIC_IGNORE} are counted nowhere",
+        "postprocess": run.post.to_dict(), "n_images": n,
+        "tta": "dihedral (8 variants, maps averaged)" if tta else "none"}
+    write_json_atomic(out / "metrics.json", scores)
+    (out / "table.md").write_text(semantic_table_markdown(scores))
+    for i, (image, pred, true) in sorted(overlays.items()):
+        from PIL import Image
+
+        gap = np.full((image.shape[0], 4, 3), 255, np.uint8)
+        panels = [image, gap, draw_classes(image, pred), gap, draw_classes(image, true)]
+        Image.fromarray(np.concatenate(panels, 1)).save(out / f"overlay_{keys[i]}.png")
+    return scores
+
+
+def semantic_table_markdown(scores: dict) -> str:
+    """mDice, mIoU, pixel accuracy, then Dice and IoU per class (the FM benchmark's columns)."""
+    info, s = scores["run"], scores["summary"]
+    lines = ["| encoder | levels | decoder | mDice | mIoU | pixel acc. | decoder params |",
+             "|---|---|---|---:|---:|---:|---:|",
+             f"| {info['encoder']} | {', '.join(info['levels'])} | {info['decoder']}/{info['head']} | "
+             f"{_fmt(s['mdice'])} | {_fmt(s['miou'])} | {_fmt(s['pixel_accuracy'])} | "
+             f"{info['decoder_parameters'] / 1e6:.2f} M |", "",
+             f"{scores['protocol']['n_images']} images; Dice and IoU per class from pixel counts pooled over the "
+             "split; mDice / mIoU = mean over the classes present (class 0 included).", "",
+             "| class | Dice | IoU | true pixels | predicted pixels |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {v['name']} | {_fmt(v['dice'])} | {_fmt(v['iou'])} | {v['true']} | {v['predicted']} |"
+              for v in scores["per_class"].values()]
+    return "\n".join(lines) + "\n"
+
+
+def draw_classes(image: np.ndarray, classes: np.ndarray) -> np.ndarray:
+    """``image`` (H, W, 3) uint8 half-blended with a colour per class of ``classes`` (H, W); ignored pixels
+    (``SEMANTIC_IGNORE``) keep the image."""
+    palette = np.concatenate([TYPE_COLOURS[1:], TYPE_COLOURS[:1]])
+    colour = palette[classes.astype(np.int64) % len(palette)]
+    blend = (image.astype(np.uint16) + colour) // 2
+    return np.where((classes == SEMANTIC_IGNORE)[..., None], image, blend).astype(np.uint8)
 
 
 def _run_info(run: Run, cache) -> dict:

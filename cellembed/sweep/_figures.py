@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from cellembed.sweep._report import (AVERAGING, Record, collect, compare, compare_markdown, table, table_markdown,
-                                     write_csv)
+from cellembed.sweep._report import (AVERAGING, Record, _label, averaging, collect, compare, compare_markdown, table,
+                                     table_markdown, write_csv)
 
 
 def _plt():
@@ -24,19 +24,22 @@ def _plt():
 
 
 def curves_figure(records: list[Record], path: Path) -> Path:
-    """Training loss, validation loss and validation PQ per epoch of every run: one colour per configuration,
-    one line style per seed."""
+    """Training loss, validation loss and the validation score each run kept its best epoch by (``score_key``:
+    PQ, mDice, ...) per epoch of every run: one colour per configuration, one line style per seed."""
     plt = _plt()
     configs = list(dict.fromkeys(r.config_id for r in records))
     seeds = sorted({r.seed for r in records})
     colours = plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")
     styles = ["-", "--", ":", "-."]
-    keys = [("train_loss", "training loss"), ("val_loss", "validation loss"), ("val_pq", "validation PQ")]
+    scores = sorted({r.score_key for r in records})
+    keys = [("train_loss", "training loss"), ("val_loss", "validation loss"),
+            (None, "validation " + ", ".join(_label(k.removeprefix("val_")) for k in scores))]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in records:
         c, s = configs.index(r.config_id), seeds.index(r.seed)
         epochs = [h["epoch"] for h in r.history]
         for ax, (key, _) in zip(axes, keys):
+            key = key or r.score_key
             ys = [math.nan if h.get(key) is None else h[key] for h in r.history]
             ax.plot(epochs, ys, styles[s % len(styles)], color=colours(c % colours.N), marker="o", ms=3,
                     label=r.name if s == 0 else None)
@@ -56,9 +59,17 @@ def curves_figure(records: list[Record], path: Path) -> Path:
 
 def overlay_figure(records: list[Record], path: Path, n_tiles: int = 4) -> Path:
     """The same test tiles (those with the most true nuclei) for every configuration at its lowest seed:
-    ground-truth contours, then each configuration's predicted contours, coloured by type."""
+    ground-truth contours, then each configuration's predicted contours, coloured by type.
+
+    Semantic runs (all of ``records`` or none): the tiles with the most true classes, each panel the tile blended
+    with a colour per class (ground truth, then each configuration's prediction)."""
     from cellembed.cache import open_cache
-    from cellembed.evaluate._run import draw_contours
+    from cellembed.evaluate._run import draw_classes, draw_contours
+
+    semantic = records[0].semantic
+    if semantic:
+        def draw_contours(image, maps):  # noqa: F811 - semantic panels: classes, not contours
+            return draw_classes(image, maps[..., 1] if maps.ndim == 3 else maps)
 
     plt = _plt()
     first = {}
@@ -67,7 +78,8 @@ def overlay_figure(records: list[Record], path: Path, n_tiles: int = 4) -> Path:
     runs = list(first.values())
     cache = open_cache(runs[0].test_cache)
     tiles = lambda: (s for p in cache.shard_paths for s in cache.iter_shard(p, level_names=[]))  # noqa: E731
-    nuclei = {s.key: len(np.unique(s.inst_map)) for s in tiles()}  # no features decoded; two passes keep memory low
+    # no features decoded; two passes keep memory low
+    nuclei = {s.key: len(np.unique(s.type_map if semantic else s.inst_map)) for s in tiles()}
     keys = sorted(nuclei, key=lambda k: -nuclei[k])[:n_tiles]
     cache = {s.key: s for s in tiles() if s.key in keys}
     preds = {}
@@ -83,13 +95,17 @@ def overlay_figure(records: list[Record], path: Path, n_tiles: int = 4) -> Path:
         panels = [draw_contours(s.image, true)] + [draw_contours(s.image, preds[r.config_id][key])
                                                   if key in preds[r.config_id] else np.zeros_like(s.image)
                                                   for r in runs]
-        counts = [len(np.unique(true[..., 0])) - 1] + [len(np.unique(preds[r.config_id][key][..., 0])) - 1
+        if semantic:
+            counts = [len(np.unique(true[..., 1]))] + [len(np.unique(preds[r.config_id][key]))
                                                        if key in preds[r.config_id] else 0 for r in runs]
+        else:
+            counts = [len(np.unique(true[..., 0])) - 1] + [len(np.unique(preds[r.config_id][key][..., 0])) - 1
+                                                           if key in preds[r.config_id] else 0 for r in runs]
         for j, (ax, panel) in enumerate(zip(axes[i], panels)):
             ax.imshow(panel, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            ax.set_xlabel(f"{counts[j]} nuclei", fontsize=7)
+            ax.set_xlabel(f"{counts[j]} {'classes' if semantic else 'nuclei'}", fontsize=7)
             if i == 0:
                 ax.set_title(cols[j], fontsize=7, wrap=True)
         axes[i, 0].set_ylabel(key, fontsize=7)
@@ -116,8 +132,9 @@ def _html_table(markdown: str) -> str:
     return "<table>" + "".join(body) + "</table>"
 
 
-def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -> str:
-    """One self-contained page: markdown tables as HTML, notes as paragraphs, PNGs embedded as base64."""
+def html_page(title: str, sections: list[tuple[str, str]], images: list[Path], footer: str = AVERAGING) -> str:
+    """One self-contained page: markdown tables as HTML, notes as paragraphs, PNGs embedded as base64, then
+    ``footer`` (the averaging note)."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
              "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:13px}"
              "td,th{border:1px solid #bbb;padding:3px 7px;text-align:right}td:first-child,td:nth-child(2)"
@@ -129,7 +146,7 @@ def html_page(title: str, sections: list[tuple[str, str]], images: list[Path]) -
     for image in images:
         data = base64.b64encode(image.read_bytes()).decode()
         parts.append(f"<h2>{html.escape(image.stem)}</h2><img src='data:image/png;base64,{data}'>")
-    parts.append(f"<p><small>{html.escape(AVERAGING)}</small></p></body></html>")
+    parts.append(f"<p><small>{html.escape(footer)}</small></p></body></html>")
     return "\n".join(parts)
 
 
@@ -175,7 +192,13 @@ def report(sweep_dirs: list[str | Path], out: str | Path | None = None, compare_
             w.writerows(comparison)
         files += [out / "compare.md", out / "compare.csv"]
         sections.append(("Paired comparison", cmd))
-    images = [curves_figure(records, out / "curves.png"), overlay_figure(records, out / "overlays.png", n_tiles)]
+    images = [curves_figure(records, out / "curves.png")]
+    instance, semantic = [r for r in records if not r.semantic], [r for r in records if r.semantic]
+    if instance:
+        images.append(overlay_figure(instance, out / "overlays.png", n_tiles))
+    if semantic:
+        images.append(overlay_figure(semantic, out / ("overlays_semantic.png" if instance else "overlays.png"),
+                                     n_tiles))
     (out / "report.html").write_text(html_page(f"cellembed sweep report: {', '.join(map(str, sweep_dirs))}",
-                                               sections, images))
+                                               sections, images, averaging(keys)))
     return Report(out, files + images + [out / "report.html"], rows, comparison)

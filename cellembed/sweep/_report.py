@@ -2,7 +2,8 @@
 
 Every number is first computed per run on the test split (``score``: PQ, DQ, SQ, AJI as the mean over test
 images with at least one true nucleus; per-class PQ and mPQ+ from TP / FP / FN / IoU pooled per class over the
-test split, mPQ+ = mean of the class PQs), then summarised over the seeds of a configuration: mean ± sample
+test split, mPQ+ = mean of the class PQs; semantic runs: Dice per class and mIoU from pixel counts pooled over the
+test split, mDice = mean of the class Dices), then summarised over the seeds of a configuration: mean ± sample
 standard deviation (ddof = 1; "–" with one seed). :data:`AVERAGING` is written beside every table.
 """
 
@@ -16,16 +17,32 @@ from typing import NamedTuple
 
 import numpy as np
 
-AVERAGING = ("Each run: PQ, DQ, SQ and AJI are means over the test images with at least one true nucleus; "
-             "per-class PQ and mPQ+ pool TP/FP/FN/IoU per class over the whole test split (mPQ+ = mean of the "
-             "class PQs, CoNIC). Each cell: mean ± sample sd (ddof = 1) over the seeds of one configuration "
-             "(n = number of seeds); best mean per column in bold (per dataset; none where all tie). Paired comparisons: per-seed "
-             "differences A − B over the seeds both have, their mean and sd, and a two-sided paired t-test.")
+INSTANCE_AVERAGING = ("Each run: PQ, DQ, SQ and AJI are means over the test images with at least one true nucleus; "
+                      "per-class PQ and mPQ+ pool TP/FP/FN/IoU per class over the whole test split (mPQ+ = mean of "
+                      "the class PQs, CoNIC).")
+SEMANTIC_AVERAGING = ("Semantic runs: Dice and IoU per class from pixel counts summed over the whole test split "
+                      "(ignored pixels left out); mDice / mIoU = unweighted mean over the classes present in the "
+                      "ground truth or the prediction, class 0 included (FM benchmark: mean over classes).")
+SEED_AVERAGING = ("Each cell: mean ± sample sd (ddof = 1) over the seeds of one configuration "
+                  "(n = number of seeds); best mean per column in bold (per dataset; none where all tie). Paired "
+                  "comparisons: per-seed differences A − B over the seeds both have, their mean and sd, and a "
+                  "two-sided paired t-test.")
+AVERAGING = f"{INSTANCE_AVERAGING} {SEED_AVERAGING}"
+
+
+def averaging(keys: list[str]) -> str:
+    """The averaging note of a table with these metric keys (instance and / or semantic columns)."""
+    parts = [INSTANCE_AVERAGING] if "pq" in keys or "mdice" not in keys else []
+    return " ".join(parts + ([SEMANTIC_AVERAGING] if "mdice" in keys else []) + [SEED_AVERAGING])
+
+
 COLUMNS = (("pq", "PQ"), ("mpq_plus", "mPQ+"), ("aji", "AJI"), ("dq", "DQ"), ("sq", "SQ"))
+SEMANTIC_COLUMNS = (("mdice", "mDice"), ("miou", "mIoU"))
 
 
 class Record(NamedTuple):
-    """One finished run: where, which config, which seed, its test scores and its per-epoch history."""
+    """One finished run: where, which config, which seed, its test scores and its per-epoch history; ``score_key``
+    is the validation metric it kept its best epoch by (``val_pq``, ``val_mdice``, ...; the loss if it had none)."""
 
     folder: Path
     dataset: str
@@ -36,6 +53,11 @@ class Record(NamedTuple):
     class_names: list
     history: list
     test_cache: str
+    score_key: str = "val_pq"
+
+    @property
+    def semantic(self) -> bool:
+        return "mdice" in self.values
 
 
 def collect(sweep_dirs: list[str | Path]) -> list[Record]:
@@ -60,13 +82,25 @@ def _record(folder: Path) -> Record:
     resolved = json.loads((folder / "sweep.json").read_text())
     scores = json.loads((folder / "score" / "metrics.json").read_text())
     names = scores["run"]["class_names"]
-    values = {k: scores["summary"].get(k) for k, _ in COLUMNS}
+    semantic = "mdice" in scores["summary"]
+    values = {k: scores["summary"].get(k) for k, _ in (SEMANTIC_COLUMNS if semantic else COLUMNS)}
     for c, v in (scores.get("per_class") or {}).items():
-        values[f"pq_{names[int(c)] if int(c) < len(names) else c}"] = v["pq"]
+        name = names[int(c)] if int(c) < len(names) else c
+        values[f"dice_{name}" if semantic else f"pq_{name}"] = v["dice" if semantic else "pq"]
     lines = (folder / "run" / "metrics.jsonl").read_text().splitlines()
+    history = [json.loads(x) for x in lines if x.strip()]
     test_cache = folder.parents[2] / "caches" / resolved["cache"] / "test"  # <sweep>/runs/<config>/seed<k>
     return Record(folder, resolved["data"]["dataset"], done["config_id"], done["name"], done["seed"], values,
-                  names, [json.loads(x) for x in lines if x.strip()], str(test_cache))
+                  names, history, str(test_cache), _score_key(folder, history, semantic))
+
+
+def _score_key(folder: Path, history: list[dict], semantic: bool) -> str:
+    """The validation metric the run selected its best epoch by; its head's main score when that was a loss."""
+    from cellembed.train._fit import metric_key
+
+    best = json.loads((folder / "run" / "config.json").read_text()).get("config", {}).get("best_metric", "pq")
+    key = metric_key(best, history[-1]) if history else "val_loss"
+    return ("val_mdice" if semantic else "val_pq") if key.endswith("loss") else key
 
 
 def _mean_sd(values: list) -> tuple[float, float, int]:
@@ -86,7 +120,12 @@ def table(records: list[Record]) -> tuple[list[str], list[dict]]:
         (none in a column where every row ties).
     """
     keys = list(dict.fromkeys(k for r in records for k in r.values))
-    keys = [k for k, _ in COLUMNS[:2]] + [k for k in keys if k.startswith("pq_")] + [k for k, _ in COLUMNS[2:]]
+    out = []
+    if any(not r.semantic for r in records):
+        out += [k for k, _ in COLUMNS[:2]] + [k for k in keys if k.startswith("pq_")] + [k for k, _ in COLUMNS[2:]]
+    if any(r.semantic for r in records):
+        out += ["mdice"] + [k for k in keys if k.startswith("dice_")] + ["miou"]
+    keys = out
     groups: dict = {}
     for r in records:
         groups.setdefault((r.dataset, r.config_id), []).append(r)
@@ -106,7 +145,9 @@ def table(records: list[Record]) -> tuple[list[str], list[dict]]:
 
 
 def _label(key: str) -> str:
-    return dict(COLUMNS).get(key) or f"PQ {key[3:]}"
+    if key.startswith("dice_"):
+        return f"Dice {key[5:]}"
+    return dict(COLUMNS + SEMANTIC_COLUMNS).get(key) or f"PQ {key[3:]}"
 
 
 def _cell(v: tuple, bold: bool = False) -> str:
@@ -123,7 +164,7 @@ def table_markdown(keys: list[str], rows: list[dict]) -> str:
     lines = [head, "|---|---|---|" + "---:|" * len(keys)]
     lines += [f"| {r['dataset']} | {r['name']} | {len(r['seeds'])} | "
               + " | ".join(_cell(r[k], k in r["best"]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines) + f"\n\n{AVERAGING}\n"
+    return "\n".join(lines) + f"\n\n{averaging(keys)}\n"
 
 
 def write_csv(path: Path, keys: list[str], rows: list[dict]) -> None:

@@ -33,7 +33,7 @@ from cellembed.train._checkpoint import apply_state, read_state, save_model, sav
 from cellembed.train._validate import validate
 
 SOURCES = ("cache", "live")
-LOSSES = ("mindthegap", "mindthegap-msge", "cisca")
+LOSSES = ("mindthegap", "mindthegap-msge", "cisca", "semantic")  # semantic: CE + Dice, the semantic head's only loss
 RUN_FILES = ("last.json", "metrics.jsonl", "model.safetensors", "curves.png")
 # the config fields that may change when an interrupted run is resumed
 RESUME_FREE = ("overwrite", "num_workers", "device", "memory", "val_cache", "tune")
@@ -292,6 +292,9 @@ def _check_config(c: FitConfig) -> None:
     for name, value, valid in checks:
         if value not in valid:
             raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+    if c.loss == "semantic" and c.head != "semantic":
+        raise ValueError(f"loss 'semantic' (CE + Dice over classes) is the semantic head's loss; the {c.head} head "
+                         "takes mindthegap, mindthegap-msge or cisca")
     if c.epochs < 1 or c.batch_size < 1 or not c.lr > 0 or not 0 < c.warmup < 1:
         raise ValueError("epochs and batch size must be >= 1, lr > 0 and warmup in (0, 1)")
     if c.patience is not None and c.patience < 1:
@@ -563,7 +566,7 @@ def _plot_curves(run_dir: Path, history: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [h["epoch"] for h in history]
-    scores = [k for k in ("val_pq", "val_mpq_plus", "val_miou") if k in history[-1]]
+    scores = [k for k in ("val_pq", "val_mpq_plus", "val_mdice", "val_miou") if k in history[-1]]
     fig, axes = plt.subplots(1, 2 if scores else 1, figsize=(10 if scores else 5, 3.5), squeeze=False)
     for key in ("train_loss", "val_loss"):
         if key in history[-1]:

@@ -220,6 +220,8 @@ def _cisca_exact(outputs: dict, targets: dict, msge_all: bool) -> dict[str, torc
 
 
 # ----------------------------------------------------------------------------------------- hovernet, semantic
+SEMANTIC_IGNORE = 255  # = cellembed.data.IGNORE (the loss module does not import the data package)
+
 def hovernet_loss(outputs: dict, targets: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """HoVer-Net's loss: NP CE + Dice, HV MSE + MSGE, NC CE + Dice, all with weight 1.
 
@@ -249,16 +251,20 @@ def hovernet_loss(outputs: dict, targets: dict) -> tuple[torch.Tensor, dict[str,
 
 
 def semantic_loss(outputs: dict, targets: dict) -> tuple[torch.Tensor, dict[str, float]]:
-    """CE + mean-class soft Dice (+1 smoothing) for the semantic head.
+    """CE + mean-class soft Dice (+1 smoothing) for the semantic head; pixels of value ``IGNORE`` (255,
+    ``cellembed.data.IGNORE``: unlabelled) count in neither term.
 
     Args:
         outputs: "semantic" (N, C, T, T) logits.
-        targets: "semantic" (N, T, T) integer in 0..C-1.
+        targets: "semantic" (N, T, T) integer in 0..C-1, or 255 (ignored).
 
     Returns:
         (total, terms).
     """
     logits, target = _check(outputs, targets, "semantic")
-    terms = {"semantic_ce": F.cross_entropy(logits, target.long()),
-             "semantic_dice": dice_loss(logits.softmax(1), _one_hot(target, logits.shape[1])).mean()}
+    target = target.long()
+    valid = (target != SEMANTIC_IGNORE).unsqueeze(1).float()
+    onehot = _one_hot(torch.where(valid[:, 0] > 0, target, 0), logits.shape[1]) * valid
+    ce = F.cross_entropy(logits, target, ignore_index=SEMANTIC_IGNORE) if valid.any() else logits.sum() * 0.0
+    terms = {"semantic_ce": ce, "semantic_dice": dice_loss(logits.softmax(1) * valid, onehot).mean()}
     return sum(terms.values()), {k: float(v.detach()) for k, v in terms.items()}
