@@ -261,7 +261,7 @@ def fit_decoder(
     tune: bool = typer.Option(True, "--tune/--no-tune", help="After training, pick the minimum instance area on "
                               "--val-cache (as `cellembed tune`) and save it with the run."),
     best_metric: str = typer.Option("pq", help="Validation value that picks model.safetensors: pq | mpq_plus | "
-                                    "aji | loss ... (lower is better for losses)."),
+                                    "aji | mdice | loss ... (lower is better for losses; a semantic run's default pq means mdice)."),
     seed: int = typer.Option(0, help="Seeds the initial weights, and the batch order unless --data-seed is given."),
     data_seed: int | None = typer.Option(None, help="Seed of the batch order and augmentation draws (default: "
                                          "--seed)."),

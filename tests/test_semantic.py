@@ -239,3 +239,13 @@ def test_semantic_loss_name_needs_the_semantic_head(tmp_path):
     _check_config(FitConfig(out=str(tmp_path), cache="c", head="semantic", loss="semantic"))
     with pytest.raises(ValueError, match="loss 'semantic' .* is the semantic head's loss"):
         _check_config(FitConfig(out=str(tmp_path), cache="c", head="cisca", loss="semantic"))
+
+
+def test_default_best_metric_means_mean_dice_for_a_semantic_run():
+    from cellembed.train._fit import metric_key
+
+    semantic = {"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_mdice": 0.4, "val_miou": 0.3}
+    assert metric_key("pq", semantic) == "val_mdice"  # fit-decoder's default, on a run without PQ
+    assert metric_key("miou", semantic) == "val_miou"
+    assert metric_key("pq", {"epoch": 1, "train_loss": 1.0, "val_loss": 0.9, "val_pq": 0.5}) == "val_pq"
+    assert metric_key("aji", semantic) == "val_loss"  # a metric the run has not: its validation loss

@@ -551,9 +551,12 @@ def _keep_best(run_dir: Path, model, metric: str, metrics: dict, best: dict | No
 
 
 def metric_key(metric: str, metrics: dict) -> str:
-    """The epoch record's key that ``metric`` names (``pq`` → ``val_pq``); the validation loss, else the training
-    loss, when it has none."""
+    """The epoch record's key that ``metric`` names (``pq`` → ``val_pq``; for a semantic run, which has no PQ, the
+    default ``pq`` means its mean Dice, ``val_mdice``); the validation loss, else the training loss, when it has
+    none."""
     name = next((k for k in (metric, f"val_{metric}") if k in metrics), None)
+    if name is None and metric == "pq" and "val_mdice" in metrics:
+        name = "val_mdice"
     if name is None:
         name = "val_loss" if "val_loss" in metrics else "train_loss"
     return name
