@@ -16,8 +16,9 @@ epochs, its other options at their defaults, and each run is scored on the test 
 the paired difference to fp16.
 
 ``--no-fit`` measures part 1 only and keeps the PQ rows of the previous results file (``results/codec_cpu.json``);
-``--fit-codecs int4`` trains on int4 caches only, keeping the previous runs of the other codecs (same epochs). Each
-split's pca cache fits its own basis on its own tiles.
+``--fit-codecs int4`` trains on int4 caches only, keeping the previous runs of the other codecs (same epochs). The pca
+caches of the validation and test splits are projected on the training cache's basis (``extract --pca-basis``); the
+committed pca row predates that option (each split then fitted its own basis on its own tiles).
 
     python benchmarks/codec.py [--seeds 0 1 2] [--epochs 10] [--no-fit] [--fit-codecs fp16 int8 int4 pca]
 """
@@ -63,14 +64,15 @@ def consep() -> Path | None:
     return root if root.is_dir() else None
 
 
-def extract_cache(out: Path, codec: str, split: str = "train", blocks: str = "default", workers: int = 2) -> float:
+def extract_cache(out: Path, codec: str, split: str = "train", blocks: str = "default", workers: int = 2,
+                  pca_basis: str | None = None) -> float:
     from cellembed.cache import ExtractConfig, extract
 
     root = consep()
     if root is not None:
         cfg = ExtractConfig(dataset="folder", root=str(root), out=str(out), encoder=ENCODER, weights="packaged",
                             split=split, scheme="cisca", blocks=blocks, codec=codec, device="cpu",
-                            num_workers=workers, batch_size=32, shard_size=64,
+                            num_workers=workers, batch_size=32, shard_size=64, pca_basis=pca_basis,
                             dataset_options={"group_regex": GROUPS})
     else:
         cfg = ExtractConfig(dataset="synthetic", out=str(out), encoder=ENCODER, weights="packaged", blocks=blocks,
@@ -150,8 +152,9 @@ def fit_rows(tmp: Path, seeds: list[int], epochs: int, workers: int, codecs: lis
     for label in codecs:
         codec = "none" if label == "fp16" else codec_spec(label, levels)
         caches = {split: tmp / f"{label}-{split}" for split in ("train", "val", "test")}
-        for split, out in caches.items():
-            extract_cache(out, codec, split=split, workers=workers)
+        for split, out in caches.items():  # a pca cache of val / test is projected on the training basis
+            basis = str(caches["train"]) if label == "pca" and split != "train" else None
+            extract_cache(out, codec, split=split, workers=workers, pca_basis=basis)
         for seed in seeds:
             cfg = FitConfig(out=str(tmp / f"run-{label}-{seed}"), cache=str(caches["train"]),
                             val_cache=str(caches["val"]), epochs=epochs, seed=seed, device="cpu",

@@ -142,6 +142,9 @@ def extract(
                               "fp16 | bf16 | fp32 | int8 | int4 | pcaK). Read back transparently (dequantized or "
                               "reconstructed to all channels in --dtype)."),
     pca_tiles: int = typer.Option(256, min=1, help="pcaK codecs: fit the basis on the first N tiles of the cache."),
+    pca_basis: str | None = typer.Option(None, help="pcaK codecs: project on this cache's basis (its folder or its "
+                                         "pca.safetensors) instead of fitting one, e.g. the training cache's for "
+                                         "the validation and test caches."),
     batch_size: int = typer.Option(32, min=1),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     workers: int = typer.Option(2, min=0, help="DataLoader worker processes decoding tiles."),

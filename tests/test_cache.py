@@ -534,6 +534,38 @@ def test_pca_resume_reuses_the_basis_and_refuses_a_tampered_one(pca_cache, tmp_p
     assert repaired.rewritten == ("shard-00-000002.tar",) and read_manifest(out) == first.manifest
 
 
+def test_pca_basis_of_the_training_cache_projects_held_out_tiles(pca_cache, tmp_path, monkeypatch):
+    """``--pca-basis``: a held-out cache projected on the training cache's basis (no fit, the same file), resumable,
+    and read back as that basis reconstructs its own features; a basis of another K or without the level is
+    refused in one line."""
+    import cellembed.cache._extract as _extract
+
+    names = open_cache(pca_cache).level_names
+    codec = f"{names[0]}=pca64,{names[1]}=pca8"
+    held_out = {"n_tiles": 6, "seed": 11, "size": 64}
+    monkeypatch.setattr(_extract, "fit_bases", lambda *a: pytest.fail("a given basis must not be refitted"))
+    out = tmp_path / "test"
+    first = extract(config(out, codec=codec, dataset_options=held_out, pca_basis=str(pca_cache)))
+    assert (out / "pca.safetensors").read_bytes() == (pca_cache / "pca.safetensors").read_bytes()
+    ident = open_cache(out).manifest["identity"]["pca"]
+    trained = open_cache(pca_cache).manifest["identity"]["pca"]
+    assert ident["given"] is True and ident["sha256"] == trained["sha256"] and "fit_tiles" not in ident
+    (out / "shard-00-000001.tar").unlink()
+    again = extract(config(out, codec=codec, dataset_options=held_out, pca_basis=str(pca_cache / "pca.safetensors")))
+    assert (again.n_skipped, again.n_written, again.cache_key) == (4, 2, first.cache_key)  # the file itself: a resume
+    plain = tmp_path / "plain"
+    extract(config(plain, dataset_options=held_out))
+    for a, b in zip(open_cache(plain), open_cache(out)):  # pca64 keeps every component: lossless up to fp16
+        x, y = a.feats[0].float(), b.feats[0].float()
+        assert (y - x).abs().max() <= 4e-3 * x.abs().max()
+    with pytest.raises(CacheError, match=r"pca\.safetensors: .* K x C = \(8, 64\), this extraction needs pca4"):
+        extract(config(tmp_path / "k", codec=f"{names[1]}=pca4", dataset_options=held_out, pca_basis=str(pca_cache)))
+    with pytest.raises(CacheError, match=r"pca\.safetensors: .* absent"):
+        extract(config(tmp_path / "l", codec=f"{names[2]}=pca4", dataset_options=held_out, pca_basis=str(pca_cache)))
+    with pytest.raises(CacheError, match=r"no PCA basis here"):
+        extract(config(tmp_path / "m", codec=codec, dataset_options=held_out, pca_basis=str(plain)))
+
+
 def test_pca_two_ranks_without_process_group_match_single_process(pca_cache, tmp_path):
     codec = open_cache(pca_cache).manifest["identity"]["codec"]
     spec = ",".join(f"{k}={v}" for k, v in codec.items())

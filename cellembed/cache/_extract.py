@@ -57,6 +57,7 @@ class ExtractConfig:
     dataset_options: dict = field(default_factory=dict)
     augment_views: int = 0
     pca_tiles: int = 256
+    pca_basis: str | None = None
 
 
 class ExtractResult(NamedTuple):
@@ -247,7 +248,9 @@ def _header(config, source, selection, encoder, keys, tile_size, device, shard_s
     if any(pca_k(c) for c in codecs.values()):  # the basis file and its sha256 are added once it exists
         if config.pca_tiles < 1:
             raise ValueError(f"--pca-tiles must be at least 1, got {config.pca_tiles}")
-        identity["pca"] = {"fit_tiles": min(int(config.pca_tiles), len(keys))}
+        # a given basis (--pca-basis) is named by its sha256 alone, added with the file: wherever it was read from
+        identity["pca"] = ({"given": True} if config.pca_basis
+                           else {"fit_tiles": min(int(config.pca_tiles), len(keys))})
     if config.augment_views:
         identity["augment_views"] = {"copies": int(config.augment_views), "views": int(config.augment_views) + 1,
                                      "augment": "cisca-full", "seed": 0}
@@ -281,7 +284,9 @@ def _prepare(out: Path, header: dict, codecs: dict, config: ExtractConfig, rank:
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     if dist and rank != 0:
         torch.distributed.barrier()  # rank 0 has written its header and the basis
-    data = _basis_bytes(out, header, config.overwrite, rank == 0 or not dist, lambda: fit_bases(fit(), ks))
+    fitted = (lambda: given_basis(config.pca_basis, ks, header["levels"])) if config.pca_basis \
+        else (lambda: fit_bases(fit(), ks))
+    data = _basis_bytes(out, header, config.overwrite, rank == 0 or not dist, fitted)
     header = _with_basis(header, data)
     prepare_out(out, header, config.overwrite, rank)
     if rank == 0 or not dist:
@@ -289,6 +294,31 @@ def _prepare(out: Path, header: dict, codecs: dict, config: ExtractConfig, rank:
     if dist and rank == 0:
         torch.distributed.barrier()
     return header, load_bases(data)
+
+
+def given_basis(path: str, ks: dict[str, int], levels: list[dict]) -> bytes:
+    """``--pca-basis``: the basis file of another cache (its folder or its ``pca.safetensors``), typically the
+    training cache's, so validation and test tiles are projected on the basis fitted on training tiles (as any
+    fitted transform is applied to held-out data) instead of fitting their own.
+
+    Raises:
+        CacheError: the file is missing, or lacks a level of ``ks`` or holds it with another K or channel count
+            (one line naming the file and the fix).
+    """
+    file = Path(path) / PCA_FILE if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise CacheError(f"{file}: no PCA basis here; pass a cache extracted with a pcaK codec (its folder or its "
+                         f"{PCA_FILE})")
+    data = file.read_bytes()
+    bases = load_bases(data)
+    channels = {lv["name"]: lv["channels"] for lv in levels}
+    for name, k in ks.items():
+        shape = tuple(bases[name].components.shape) if name in bases else None
+        if shape != (k, channels[name]):
+            raise CacheError(f"{file}: {name} is {'absent' if shape is None else f'K x C = {shape}'}, this extraction "
+                             f"needs pca{k} over {channels[name]} channels; extract with the codec and encoder of the "
+                             "cache the basis comes from")
+    return data
 
 
 def _basis_bytes(out: Path, header: dict, overwrite: bool, fits: bool, fit) -> bytes:
