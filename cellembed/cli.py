@@ -395,6 +395,9 @@ def search_blocks(
                                       "limit / every subset."),
     max_levels: int = typer.Option(4, min=1, help="The largest combination tried."),
     min_gain: float = typer.Option(0.0, help="greedy: how much an added level must raise the score to be kept."),
+    min_rung: int | None = typer.Option(None, min=1, help="halving: the earliest epoch after which candidates are "
+                                        "dropped (default: the end of the OneCycle warmup, ceil(0.3 x --epochs); "
+                                        "validation scores during the warmup rank little)."),
     levels: str | None = typer.Option(None, help="The levels to combine, e.g. block_2,block_5,block_8 (default: "
                                       "every cached level)."),
     config: Path | None = typer.Option(None, help="YAML file with any FitConfig field for every candidate (decoder, "
@@ -418,7 +421,8 @@ def search_blocks(
     from cellembed.train import search_blocks as run_search
 
     try:
-        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS, skip=("strategy", "budget", "max_levels", "min_gain"))
+        cfg = _merge_config(ctx, config, FitConfig, _CLI_FIELDS, skip=("strategy", "budget", "max_levels", "min_gain",
+                                                                              "min_rung"))
     except USER_ERRORS as err:
         _fail(err)
     try:
@@ -434,7 +438,7 @@ def search_blocks(
                 bar.update(state["task"], advance=1, rate=f"{tiles.add(size)} x {state['k']} decoders")
 
             result = run_search(cfg, strategy=strategy, budget=budget, max_levels=max_levels, min_gain=min_gain,
-                                on_round=on_round, on_step=on_step)
+                                min_rung=min_rung, on_round=on_round, on_step=on_step)
     except (CacheError, FloatingPointError, *USER_ERRORS) as err:
         _fail(err)
     except KeyboardInterrupt:

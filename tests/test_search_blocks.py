@@ -62,6 +62,7 @@ def test_halving_stops_the_worse_half_at_the_rung(caches, tmp_path):
     result = search_blocks(_base(caches, tmp_path / "h", epochs=2, tune=False), strategy="halving", budget=4,
                            max_levels=2)
     assert len(result.table) == 4 and halving_rungs(4, 2) == [1]
+    assert json.loads((tmp_path / "h" / "search.json").read_text())["min_rung"] == 1  # ⌈0.3 × 2⌉: the warmup's end
     survivors = [r for r in result.table if r["epochs"] == 2]
     pruned = [r for r in result.table if r["epochs"] == 1]
     assert len(survivors) == len(pruned) == 2 and result.table[:2] == survivors
@@ -72,6 +73,8 @@ def test_halving_stops_the_worse_half_at_the_rung(caches, tmp_path):
 
 def test_rungs_and_refusals(caches, tmp_path):
     assert halving_rungs(16, 16) == [1, 2, 4, 8] and halving_rungs(1, 10) == [] and halving_rungs(8, 2) == [1]
+    assert halving_rungs(16, 16, first=5) == [5, 8]  # none inside a 16-epoch OneCycle's warmup (0.3 x 16 -> 5)
+    assert halving_rungs(16, 16, first=16) == [] and halving_rungs(4, 2, first=1) == [1]
     with pytest.raises(ValueError, match="--val-cache"):
         search_blocks(_base(caches, tmp_path / "x", val_cache=None))
     with pytest.raises(ValueError, match="block_9 are not cached"):
@@ -92,3 +95,13 @@ def test_cli_search_blocks_end_to_end(caches, tmp_path):
     assert len(json.loads((tmp_path / "c" / "search.json").read_text())["candidates"]) == 2
     bad = CliRunner().invoke(app, args[:-3] + ["--strategy", "random"])
     assert bad.exit_code == 2 and "unknown strategy" in bad.output and "Traceback" not in bad.output
+
+
+def test_halving_drops_nobody_during_the_warmup(caches, tmp_path):
+    """4 candidates, 4 epochs: without a first rung they would be halved after epochs 1 and 2; the warmup (0.3 x 4)
+    ends with epoch 2, so the one halving is there and two candidates finish."""
+    assert halving_rungs(4, 4) == [1, 2]
+    result = search_blocks(_base(caches, tmp_path / "w", epochs=4, tune=False), strategy="halving", budget=4,
+                           max_levels=2)
+    assert sorted(r["epochs"] for r in result.table) == [2, 2, 4, 4]
+    assert json.loads((tmp_path / "w" / "search.json").read_text())["min_rung"] == 2

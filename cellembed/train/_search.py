@@ -9,8 +9,10 @@ the cache per epoch for every candidate of a round):
   beats the best by more than ``min_gain``, at ``max_levels`` levels, or before a round that would exceed
   ``budget`` decoders.
 - ``halving`` (successive halving): candidates are the subsets of 1..``max_levels`` levels (a seeded sample of
-  ``budget`` of them when there are more), trained together in one pass; before epochs E/2^(R-1), ..., E/2
-  (R = ⌈log2 n⌉ rungs, rounded, distinct, at least 1) the worse half of the candidates still training stops.
+  ``budget`` of them when there are more), trained together in one pass; after epochs E/2^(R-1), ..., E/2
+  (R = ⌈log2 n⌉ rungs, rounded, distinct, none before ``min_rung``) the worse half of the candidates still
+  training stops. ``min_rung`` defaults to the end of the OneCycle warmup (⌈warmup × E⌉): during the warmup
+  validation PQ is near zero for every candidate (0.00–0.08 after epoch 1 on CoNSeP) and ranks nothing.
 
 A candidate's score is its run's best ``best_metric`` (validation PQ by default). Writes into ``out``::
 
@@ -53,7 +55,7 @@ class SearchResult(NamedTuple):
 
 
 def search_blocks(base: FitConfig, *, strategy: str = "greedy", budget: int | None = None, max_levels: int = 4,
-                  min_gain: float = 0.0, on_round: RoundCallback | None = None,
+                  min_gain: float = 0.0, min_rung: int | None = None, on_round: RoundCallback | None = None,
                   on_epoch: ManyEpochCallback | None = None, on_step=None) -> SearchResult:
     """Rank combinations of a cache's levels by validation score (see the module docstring).
 
@@ -65,6 +67,8 @@ def search_blocks(base: FitConfig, *, strategy: str = "greedy", budget: int | No
         budget: the most decoders trained (default: no limit for greedy, every subset for halving).
         max_levels: the largest combination (unetr feeds at most 4 levels to its 4 decoder levels as designed).
         min_gain: greedy: how much an added level must improve the score to be kept.
+        min_rung: halving: the earliest epoch after which candidates are dropped (default: the end of the
+            warmup, ⌈``base.warmup`` × ``base.epochs``⌉, at least 1).
         on_round: called before each round with (round, its level combinations).
         on_epoch, on_step: progress of the passes, as :func:`~cellembed.train.fit_many`'s.
 
@@ -80,6 +84,10 @@ def search_blocks(base: FitConfig, *, strategy: str = "greedy", budget: int | No
         raise ValueError("search-blocks ranks combinations by validation score: give --val-cache VAL")
     if max_levels < 1 or (budget is not None and budget < 1):
         raise ValueError(f"max_levels and budget must be >= 1, got {max_levels} and {budget}")
+    if min_rung is None:
+        min_rung = max(1, math.ceil(base.warmup * base.epochs))
+    if min_rung < 1:
+        raise ValueError(f"min_rung must be >= 1, got {min_rung}")
     cached = open_cache(base.cache).level_names
     pool = _level_names(base.levels) or cached
     unknown = [n for n in pool if n not in cached]
@@ -89,13 +97,13 @@ def search_blocks(base: FitConfig, *, strategy: str = "greedy", budget: int | No
     if strategy == "greedy":
         stopped = search.greedy(budget, max_levels, min_gain)
     else:
-        stopped = search.halving(budget, max_levels)
+        stopped = search.halving(budget, max_levels, min_rung)
     table = search.ranking()
     best = table[0]
     if base.tune:
         _tune_best(search.configs[best["run"]], Path(best["run"]))
     result = SearchResult(Path(base.out), table, best, stopped, time.perf_counter() - t0)
-    _write(result, base, strategy, budget, max_levels, search.pool)
+    _write(result, base, strategy, budget, max_levels, search.pool, min_rung if strategy == "halving" else None)
     return result
 
 
@@ -150,13 +158,13 @@ class _Search:
             chosen, best = top["levels"], top["score"]
         raise AssertionError("itertools.count ended")
 
-    def halving(self, budget: int | None, max_levels: int) -> str:
+    def halving(self, budget: int | None, max_levels: int, min_rung: int = 1) -> str:
         combos = [list(c) for k in range(1, min(max_levels, len(self.pool)) + 1)
                   for c in itertools.combinations(self.pool, k)]
         if budget is not None and budget < len(combos):
             keep = np.random.default_rng(self.base.seed).choice(len(combos), size=budget, replace=False)
             combos = [combos[i] for i in sorted(keep)]
-        rungs = halving_rungs(len(combos), self.base.epochs)
+        rungs = halving_rungs(len(combos), self.base.epochs, min_rung)
         metric, lower = self.base.best_metric, self.lower
 
         def prune(epoch: int, histories: list[list[dict]]) -> list[int]:
@@ -176,11 +184,11 @@ class _Search:
         return [{"rank": i + 1, **r} for i, r in enumerate(rows)]
 
 
-def halving_rungs(n: int, epochs: int) -> list[int]:
+def halving_rungs(n: int, epochs: int, first: int = 1) -> list[int]:
     """Epochs after which successive halving drops the worse half: E/2^(R-1), ..., E/2 for R = ⌈log2 n⌉,
-    rounded, at least 1, below E, distinct."""
+    rounded, at least ``first``, below E, distinct (rungs raised to ``first`` merge, so fewer halvings)."""
     rounds = math.ceil(math.log2(n)) if n > 1 else 0
-    rungs = {max(1, round(epochs / 2 ** k)) for k in range(1, rounds + 1)}
+    rungs = {max(first, 1, round(epochs / 2 ** k)) for k in range(1, rounds + 1)}
     return sorted(r for r in rungs if r < epochs)
 
 
@@ -203,13 +211,15 @@ def _tune_best(config: FitConfig, run_dir: Path) -> None:
         _tune_min_area(config, run_dir, post)
 
 
-def _write(result: SearchResult, base: FitConfig, strategy: str, budget, max_levels: int, pool: list[str]) -> None:
+def _write(result: SearchResult, base: FitConfig, strategy: str, budget, max_levels: int, pool: list[str],
+           min_rung: int | None = None) -> None:
     from cellembed.cache._manifest import write_json_atomic
 
     out = result.out
     finite = lambda r: {**r, "score": r["score"] if math.isfinite(r["score"]) else None}  # noqa: E731
     write_json_atomic(out / "search.json", {
         "strategy": strategy, "metric": base.best_metric, "budget": budget, "max_levels": max_levels,
+        **({"min_rung": min_rung} if min_rung is not None else {}),
         "pool": pool, "epochs": base.epochs, "cache": base.cache, "val_cache": base.val_cache,
         "stopped": result.stopped, "best": finite(result.best), "candidates": [finite(r) for r in result.table],
         "seconds": result.seconds})
