@@ -227,7 +227,8 @@ def main() -> None:
         "per tile and per channel, the absolute maximum / 127 (int8) or / 7 (int4, two values per byte) as scale "
         "(stored in fp16 beside the level), values read back as fp16; pca: K = C/4 principal-component "
         "coefficients per position in fp16 (basis fitted on the first 256 tiles, in pca.safetensors, not counted in "
-        "the feature bytes), reconstructed to C channels when read; error = largest |read-back − fp16| over the "
+        "the feature bytes; the validation and test caches of the PQ runs are projected on the training cache's "
+        "basis, `extract --pca-basis`), reconstructed to C channels when read; error = largest |read-back − fp16| over the "
         "channel's absolute maximum. Reading: every sample "
         "of the cache decoded in this process (tar, safetensors, PNG), best of 3.")
     summary = summary_rows(fits) if fits else []
