@@ -62,8 +62,8 @@ def one_line(err: pytest.ExceptionInfo) -> str:
 # ---------------------------------------------------------------- registry and helpers
 
 def test_registry_lists_the_datasets_and_fails_loudly():
-    assert DATASETS.names() == ["conic", "cytodark0", "folder", "pannuke", "synthetic"]
-    with pytest.raises(KeyError, match="valid names: conic, cytodark0, folder, pannuke, synthetic"):
+    assert DATASETS.names() == ["conic", "cytodark0", "folder", "pannuke", "semantic_folder", "synthetic"]
+    with pytest.raises(KeyError, match="valid names: conic, cytodark0, folder, pannuke, semantic_folder, synthetic"):
         open_dataset("pannuk", "/nowhere")
     with pytest.raises(TypeError, match="unknown option.*n_tile.*valid options: n_tiles, seed, size, n_types"):
         open_dataset("synthetic", n_tile=3)

@@ -158,6 +158,10 @@ def test_refusals(caches, tmp_path):
     (tmp_path / "z" / "thesis.tex").write_text("keep me")
     with pytest.raises(ValueError, match="not a cellembed run"):
         fit_decoder(_config(caches, tmp_path / "z", epochs=1))
+    (tmp_path / "k").mkdir()  # killed between write_json_atomic's temporary file and its rename: no run yet
+    (tmp_path / "k" / f".config.json.{os.getpid()}.tmp").write_text('{"trunc')
+    fit_decoder(_config(caches, tmp_path / "k", epochs=1))
+    assert (tmp_path / "k" / "config.json").is_file() and not list((tmp_path / "k").glob(".*.tmp"))
     with pytest.raises(ValueError, match="unknown head"):
         fit_decoder(_config(caches, tmp_path / "w", head="mask-rcnn"))
 

@@ -128,7 +128,7 @@ def open_dataset(name: str, root: str | Path | None = None, **options: Any) -> T
     """Open a registered dataset.
 
     Args:
-        name: one of ``DATASETS.names()`` ("conic", "cytodark0", "folder", "pannuke", "synthetic").
+        name: one of ``DATASETS.names()`` ("conic", "cytodark0", "folder", "pannuke", "semantic_folder", "synthetic").
         root: dataset folder (ignored by "synthetic").
         **options: reader options, e.g. ``magnification="20x"`` for cytodark0 or
             ``n_tiles=64, seed=0`` for synthetic.

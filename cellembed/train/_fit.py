@@ -476,8 +476,11 @@ def _prepare_run(config: FitConfig, source: dict, model, n_params: int, post: Po
         else:
             _check_same_world(run_dir, old.get("world_size", 1), record["world_size"], config.overwrite)
             record["postprocess"] = old.get("postprocess", record["postprocess"])  # keep a tuned min area
-    elif run_dir.exists() and any(run_dir.iterdir()) and not config.overwrite:
-        raise ValueError(f"{run_dir} exists and is not a cellembed run; choose another --out")
+    elif run_dir.exists() and not config.overwrite:
+        for tmp in run_dir.glob(".*.tmp"):  # a write killed before its rename (write_json_atomic): no run yet
+            tmp.unlink(missing_ok=True)
+        if any(run_dir.iterdir()):
+            raise ValueError(f"{run_dir} exists and is not a cellembed run; choose another --out")
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, record)
     return run_dir
