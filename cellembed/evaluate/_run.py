@@ -190,23 +190,17 @@ def score_run(run_path: str | Path, cache_path: str | Path, out: str | Path | No
         if on_progress:
             on_progress(len(batch.keys))
     preds.flush()
-    del preds
-    (out / ".predictions.npy.tmp").replace(out / "predictions.npy")
-    (out / "keys.txt").write_text("\n".join(keys) + "\n")
+    del preds  # closed before the rename
+    _publish_predictions(out, keys)
     metas = tile_metas(cache)
     tissues = [metas.get(k, {}).get("tissue") for k in keys]
     scores = score_counts(counts, run.num_classes, tissues if all(tissues) else None)
-    scores["run"] = _run_info(run, cache)
-    scores["protocol"] = {
+    _write_scores(out, scores, run, cache, tta, table_markdown, {
         "matching": "IoU > 0.5, one-to-one",
         "pq": "mean over images with at least one true instance (Mind the Gap / CISCA)",
         "pq_conic": "mean over every image, empty images count 0 (CoNIC)",
         "mpq_plus": "TP/FP/FN/IoU pooled per class over the data set, PQ per class, mean over all classes (CoNIC)",
-        "pannuke": "PanNuke-metrics: per image, NaN for absent classes, mean per tissue then over tissues",
-        "postprocess": run.post.to_dict(), "n_images": n,
-        "tta": "dihedral (8 variants, maps averaged)" if tta else "none"}
-    write_json_atomic(out / "metrics.json", scores)
-    (out / "table.md").write_text(table_markdown(scores))
+        "pannuke": "PanNuke-metrics: per image, NaN for absent classes, mean per tissue then over tissues"})
     for i, (image, pred, true) in sorted(overlays.items()):
         save_overlay(out / f"overlay_{keys[i]}.png", image, pred, true, run.record["class_names"])
     return ScoreResult(out, scores, time.perf_counter() - t0)
@@ -235,21 +229,15 @@ def _score_semantic(run: Run, cache, loader, order: list[int], out: Path, dev, t
         if on_progress:
             on_progress(len(batch.keys))
     preds.flush()
-    del preds
-    (out / ".predictions.npy.tmp").replace(out / "predictions.npy")
-    (out / "keys.txt").write_text("\n".join(keys) + "\n")
+    del preds  # closed before the rename
+    _publish_predictions(out, keys)
     scores = semantic_scores(counts, names)
-    scores["run"] = _run_info(run, cache)
-    scores["protocol"] = {
+    _write_scores(out, scores, run, cache, tta, semantic_table_markdown, {
         "dice": "per class 2|P∩T| / (|P| + |T|) from pixel counts summed over the whole test split",
         "iou": "per class |P∩T| / |P∪T| from the same pooled counts",
         "mean": "mdice / miou: unweighted mean over every class of classes.txt (class 0 included) present in "
                 "the ground truth or the prediction (FM benchmark: mean over classes)",
-        "ignore": f"ground-truth pixels of value {SEMANTIC_IGNORE} are counted nowhere",
-        "postprocess": run.post.to_dict(), "n_images": n,
-        "tta": "dihedral (8 variants, maps averaged)" if tta else "none"}
-    write_json_atomic(out / "metrics.json", scores)
-    (out / "table.md").write_text(semantic_table_markdown(scores))
+        "ignore": f"ground-truth pixels of value {SEMANTIC_IGNORE} are counted nowhere"})
     for i, (image, pred, true) in sorted(overlays.items()):
         from PIL import Image
 
@@ -257,6 +245,22 @@ def _score_semantic(run: Run, cache, loader, order: list[int], out: Path, dev, t
         panels = [image, gap, draw_classes(image, pred), gap, draw_classes(image, true)]
         Image.fromarray(np.concatenate(panels, 1)).save(out / f"overlay_{keys[i]}.png")
     return scores
+
+
+def _publish_predictions(out: Path, keys: list[str]) -> None:
+    """Give the finished (flushed, closed) ``.predictions.npy.tmp`` its name and write ``keys.txt`` beside it."""
+    (out / ".predictions.npy.tmp").replace(out / "predictions.npy")
+    (out / "keys.txt").write_text("\n".join(keys) + "\n")
+
+
+def _write_scores(out: Path, scores: dict, run: Run, cache, tta: bool, table, protocol: dict) -> None:
+    """Add the run's description and the protocol (with the post-processing, image count and TTA every score
+    records) to ``scores``; write ``metrics.json`` and ``table.md`` (``table(scores)``)."""
+    scores["run"] = _run_info(run, cache)
+    scores["protocol"] = {**protocol, "postprocess": run.post.to_dict(), "n_images": len(cache),
+                          "tta": "dihedral (8 variants, maps averaged)" if tta else "none"}
+    write_json_atomic(out / "metrics.json", scores)
+    (out / "table.md").write_text(table(scores))
 
 
 def semantic_table_markdown(scores: dict) -> str:

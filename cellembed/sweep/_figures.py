@@ -67,9 +67,11 @@ def overlay_figure(records: list[Record], path: Path, n_tiles: int = 4) -> Path:
     from cellembed.evaluate._run import draw_classes, draw_contours
 
     semantic = records[0].semantic
-    if semantic:
-        def draw_contours(image, maps):  # noqa: F811 - semantic panels: classes, not contours
+
+    def draw(image, maps):  # semantic panels: classes (a cache's true maps hold them in the type channel)
+        if semantic:
             return draw_classes(image, maps[..., 1] if maps.ndim == 3 else maps)
+        return draw_contours(image, maps)
 
     plt = _plt()
     first = {}
@@ -92,9 +94,8 @@ def overlay_figure(records: list[Record], path: Path, n_tiles: int = 4) -> Path:
     for i, key in enumerate(keys):
         s = cache[key]
         true = np.stack([s.inst_map, s.type_map.astype(np.int32)], -1)
-        panels = [draw_contours(s.image, true)] + [draw_contours(s.image, preds[r.config_id][key])
-                                                  if key in preds[r.config_id] else np.zeros_like(s.image)
-                                                  for r in runs]
+        panels = [draw(s.image, true)] + [draw(s.image, preds[r.config_id][key])
+                                          if key in preds[r.config_id] else np.zeros_like(s.image) for r in runs]
         if semantic:
             counts = [len(np.unique(true[..., 1]))] + [len(np.unique(preds[r.config_id][key]))
                                                        if key in preds[r.config_id] else 0 for r in runs]
