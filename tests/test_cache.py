@@ -564,6 +564,8 @@ def test_pca_basis_of_the_training_cache_projects_held_out_tiles(pca_cache, tmp_
         extract(config(tmp_path / "l", codec=f"{names[2]}=pca4", dataset_options=held_out, pca_basis=str(pca_cache)))
     with pytest.raises(CacheError, match=r"no PCA basis here"):
         extract(config(tmp_path / "m", codec=codec, dataset_options=held_out, pca_basis=str(plain)))
+    with pytest.raises(ValueError, match=r"--pca-basis .* stores no pcaK level; add --codec pcaK"):
+        extract(config(tmp_path / "n", dataset_options=held_out, pca_basis=str(pca_cache)))
 
 
 def test_pca_two_ranks_without_process_group_match_single_process(pca_cache, tmp_path):

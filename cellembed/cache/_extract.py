@@ -245,6 +245,9 @@ def _header(config, source, selection, encoder, keys, tile_size, device, shard_s
     }
     if any(c != config.dtype for c in codecs.values()):  # absent for plain caches: their keys stay as they were
         identity["codec"] = codecs
+    if config.pca_basis and not any(pca_k(c) for c in codecs.values()):
+        raise ValueError(f"--pca-basis {config.pca_basis}: this extraction stores no pcaK level; add --codec pcaK "
+                         "(the codec of the cache the basis comes from) or drop --pca-basis")
     if any(pca_k(c) for c in codecs.values()):  # the basis file and its sha256 are added once it exists
         if config.pca_tiles < 1:
             raise ValueError(f"--pca-tiles must be at least 1, got {config.pca_tiles}")
